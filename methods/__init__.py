@@ -1,0 +1,13 @@
+"""Token-reduction methods for timm Vision Transformers, behind one interface.
+
+apply(model, name, **options) -> model     patch a model in place
+list_methods() -> list[str]                registered names
+token_counts(model, img_size) -> list[int] tokens each block's FFN processes
+"""
+
+from methods import evit, prune, vanilla  # noqa: F401  (importing a method module registers it)
+from methods.api import AppliedMethod, apply, token_counts
+from methods.errors import TokenBenchError
+from methods.registry import list_methods, lookup
+
+__all__ = ["AppliedMethod", "TokenBenchError", "apply", "list_methods", "lookup", "token_counts"]

@@ -1,0 +1,8 @@
+"""The one exception type that carries a message meant for the user."""
+
+
+class TokenBenchError(ValueError):
+    """Bad input to tokenbench: the message names the problem and the allowed values.
+
+    The CLI prints it as one line (exit code 2); library callers can catch it like any ValueError.
+    """
