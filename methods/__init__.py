@@ -3,11 +3,22 @@
 apply(model, name, **options) -> model     patch a model in place
 list_methods() -> list[str]                registered names
 token_counts(model, img_size) -> list[int] tokens each block's FFN processes
+kept_patches(model, images) -> list[Stage] original patches kept at each reduction stage
 """
 
 from methods import evit, prune, vanilla  # noqa: F401  (importing a method module registers it)
 from methods.api import AppliedMethod, apply, token_counts
 from methods.errors import TokenBenchError
 from methods.registry import list_methods, lookup
+from methods.tracing import Stage, kept_patches
 
-__all__ = ["AppliedMethod", "TokenBenchError", "apply", "list_methods", "lookup", "token_counts"]
+__all__ = [
+    "AppliedMethod",
+    "Stage",
+    "TokenBenchError",
+    "apply",
+    "kept_patches",
+    "list_methods",
+    "lookup",
+    "token_counts",
+]

@@ -23,6 +23,7 @@ from methods.timm_compat import (
     tap_query_key,
 )
 from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, split_prefix, top_k_indices
+from methods.tracing import report_selection
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class SelectingBlock(Block):
         parts = [prefix, gather_tokens(rest, kept)]
         if self.fuse:
             parts.append(fuse_dropped(rest, scores, kept))
+        report_selection(self, kept, others="fused" if self.fuse else "dropped", appended=int(self.fuse))
         return torch.cat(parts, dim=1)
 
 

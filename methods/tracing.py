@@ -1,0 +1,95 @@
+"""Which original patches a method keeps at each reduction stage, for pictures and tests.
+
+A block that reduces tokens calls `report_selection` with the indices it keeps among the current
+patch tokens; the tracer maps them back to original patch positions through every earlier
+reordering. Outside `trace_selections` the reports cost one attribute lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.timm_compat import require_vit
+
+TRACER_ATTR = "selection_tracer"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One reduction: at `block`, the original patch indices `kept` ([B, k], in sequence order) go on
+    as themselves; the other patches are `others` ("dropped", "fused" or "fast path")."""
+
+    block: int
+    kept: torch.Tensor
+    others: str
+
+
+class SelectionTracer:
+    def __init__(self, model: nn.Module, batch: int, patches: int, device: torch.device) -> None:
+        self.block_index = {id(block): i for i, block in enumerate(model.blocks)}
+        self.patches = patches
+        self.stages: list[Stage] = []
+        self.positions = self.original_order(batch, device)  # [B, M]; -1 marks tokens made by the method
+
+    def original_order(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.patches, device=device).expand(batch, -1)
+
+    def select(self, block: nn.Module, kept: torch.Tensor, others: str, appended: int) -> None:
+        kept_positions = self.positions.gather(1, kept)  # [B, k]
+        self.stages.append(Stage(block=self.block_index[id(block)], kept=kept_positions.cpu(), others=others))
+        made = kept_positions.new_full((kept.shape[0], appended), -1)
+        self.positions = torch.cat([kept_positions, made], dim=1)
+
+    def restore(self) -> None:
+        self.positions = self.original_order(*self.positions.shape[:1], self.positions.device)
+
+
+def report_selection(block: nn.Module, kept: torch.Tensor, others: str, appended: int = 0) -> None:
+    """`block` keeps patch tokens `kept` ([B, k] indices among the current patch tokens, prefix
+    excluded), in that order, then appends `appended` tokens of its own (EViT's fused token)."""
+    tracer = getattr(block, TRACER_ATTR, None)
+    if tracer is not None:
+        tracer.select(block, kept, others, appended)
+
+
+def report_restore(block: nn.Module) -> None:
+    """`block` has put every patch token back in its original order (Evo-ViT's spatial structure)."""
+    tracer = getattr(block, TRACER_ATTR, None)
+    if tracer is not None:
+        tracer.restore()
+
+
+@contextmanager
+def trace_selections(model: nn.Module, images: torch.Tensor) -> Iterator[list[Stage]]:
+    """Within the block, forward passes of `model` on `images` record their stages in the yielded list."""
+    vit = require_vit(model)
+    patches = vit.patch_embed.num_patches if not vit.dynamic_img_size else None
+    if patches is None:
+        grid = [s // p for s, p in zip(images.shape[-2:], vit.patch_embed.patch_size)]
+        patches = grid[0] * grid[1]
+    tracer = SelectionTracer(vit, images.shape[0], patches, images.device)
+    for block in vit.blocks:
+        setattr(block, TRACER_ATTR, tracer)
+    try:
+        yield tracer.stages
+    finally:
+        for block in vit.blocks:
+            delattr(block, TRACER_ATTR)
+
+
+def kept_patches(model: nn.Module, images: torch.Tensor) -> list[Stage]:
+    """Run `model` on `images` and return each reduction stage's kept original patch indices."""
+    vit = require_vit(model)
+    was_training = vit.training
+    vit.eval()
+    try:
+        with trace_selections(vit, images) as stages, torch.inference_mode():
+            vit(images)
+    finally:
+        vit.train(was_training)
+    return stages
