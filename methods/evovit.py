@@ -1,0 +1,258 @@
+"""Evo-ViT (Xu et al., AAAI 2022): slow-fast token evolution, ranked by a global class attention.
+
+Global class attention g: the CLS query's post-softmax attention to the patch tokens, summed over
+heads as the released DeiT code does. The block before the first location sets g to its own
+attention; every later block up to the last selection blends its attention into the kept tokens'
+entries, g = (1 - t) * g + t * a (the held tokens' entries stay as they were).
+
+A stage opens at the start of each location's block: of the n patch tokens (all of them, since a
+stage hands every token back), the int(keep_rate * n) with the highest g are kept, highest first,
+and go through the blocks (the slow path). A stage closes after the block before the next location;
+the last one after the last block. The other tokens are held outside the blocks:
+
+paper     summarised into one representative token (their g, normalised, as weights), appended
+          after the kept tokens; at the close every held token gets the representative token's
+          whole update (the sum of its attention and FFN residuals over the stage: the fast path,
+          the same as adding them block by block since held tokens are never keys), and all
+          tokens return to their original places. Head: the model's own (the CLS token).
+official  the released DeiT code: frozen, written back after the kept tokens at the close, in the
+          order of g (the spatial order is never restored). Head: the mean of the patch tokens,
+          then the final norm, then the classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from methods.config import ReductionConfig
+from methods.errors import TokenBenchError
+from methods.registry import register
+from methods.timm_compat import (
+    depth,
+    model_image_size,
+    num_prefix_tokens,
+    patch_size,
+    require_class_token,
+    require_stock_blocks,
+    take_tapped_qk,
+    tap_query_key,
+)
+from methods.token_ops import class_attention, gather_tokens, split_prefix
+from methods.tracing import report_restore, report_selection
+
+VARIANTS = ("paper", "official")
+HEADS = (None, "cls", "mean")
+DEFAULT_HEAD = {"paper": "cls", "official": "mean"}
+HELD_AS = {"paper": "fast path", "official": "frozen"}
+
+
+@dataclass(frozen=True)
+class EvoViTConfig(ReductionConfig):
+    """Evo-ViT's DeiT defaults: keep rate 0.5, stages opening at blocks 4 and 8, tradeoff 0.5.
+
+    variant: "paper" (representative token, fast path, spatial order restored) or "official" (the
+             released DeiT code: held tokens frozen, mean-pool head).
+    head: "cls" (the model's own head), "mean" (mean of the patch tokens, final norm, classifier)
+          or None (the variant's: "cls" for paper, "mean" for official).
+    tradeoff: t in (0, 1], the weight of each block's new class attention in g.
+    """
+
+    keep_rate: float = 0.5
+    locations: tuple[int, ...] = (4, 8)
+    variant: str = "paper"
+    head: str | None = None
+    tradeoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise TokenBenchError(f"variant must be one of 'paper', 'official', got {self.variant!r}")
+        if self.head not in HEADS:
+            raise TokenBenchError(f"head must be one of None (the variant's), 'cls', 'mean', got {self.head!r}")
+        t = self.tradeoff
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise TokenBenchError(f"tradeoff must be a number in (0, 1], got {t!r}")
+        if self.locations and self.locations[0] < 1:
+            raise TokenBenchError(
+                f"evo-vit ranks tokens by the attention of the block before a location, so locations must be 1 "
+                f"or more, got {self.locations!r}"
+            )
+
+    @property
+    def pooling(self) -> str:
+        """The head in effect: `head`, or the variant's default."""
+        return self.head or DEFAULT_HEAD[self.variant]
+
+
+@dataclass
+class StageState:
+    """What one forward pass carries from one patched block to the next; one object, shared by them."""
+
+    attention: torch.Tensor | None = None  # [B, M] g, in the order of the M patch tokens (kept ones first)
+    positions: torch.Tensor | None = None  # [B, M] original patch index of each, None while in original order
+    held: torch.Tensor | None = None  # [B, M - K, C] the tokens outside the blocks during a stage
+    representative: torch.Tensor | None = None  # [B, 1, C] paper: the representative token as the stage began
+
+    def begin(self, attention: torch.Tensor) -> None:
+        self.attention, self.positions, self.held, self.representative = attention, None, None, None
+
+
+def rank_by_attention(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g sorted highest first, and the order that sorts it (a full sort, as released). [B, M] -> 2 x [B, M]"""
+    scores, order = attention.sort(dim=1, descending=True)
+    return scores, order
+
+
+def summarise(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The representative token: the tokens weighted by their scores normalised to sum to one.
+
+    tokens: [B, M, C], scores: [B, M] -> [B, 1, C]
+    """
+    weights = scores / scores.sum(dim=1, keepdim=True)  # [B, M]
+    return weights.unsqueeze(1).to(tokens.dtype) @ tokens
+
+
+class EvoBlock(Block):
+    """timm's Block with Evo-ViT's roles: open a stage, track g, close a stage (any of them)."""
+
+    state: StageState
+    variant: str
+    keep_rate: float
+    tradeoff: float
+    prefix: int
+    opens: bool
+    tracks: bool
+    starts: bool  # the block before the first location: g starts from its attention
+    closes: bool
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.opens:
+            x = self.open_stage(x)
+        x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.tracks:
+            self.track_attention()
+        if self.closes:
+            x = self.close_stage(x)
+        return x
+
+    def track_attention(self) -> None:
+        q_cls, k, scale = take_tapped_qk(self)
+        attention = self.attn.num_heads * class_attention(q_cls, k, scale, self.prefix)  # [B, n]: head sum
+        if self.starts:
+            self.state.begin(attention)
+            return
+        state = self.state
+        n = attention.shape[1] - int(state.representative is not None)  # the representative's column is no patch
+        blended = (1 - self.tradeoff) * state.attention[:, :n] + self.tradeoff * attention[:, :n]  # [B, n]
+        state.attention = torch.cat([blended, state.attention[:, n:]], dim=1)
+
+    def open_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep the patch tokens with the highest g, highest first; hold the others (paper: and summarise them)."""
+        prefix, patches = split_prefix(x, self.prefix)  # [B, p, C], [B, M, C]
+        keep = int(self.keep_rate * patches.shape[1])
+        if keep >= patches.shape[1]:
+            return x  # nothing to hold: the stage is the stock blocks
+        state = self.state
+        scores, order = rank_by_attention(state.attention)  # [B, M] each
+        patches = gather_tokens(patches, order)
+        state.positions = order if state.positions is None else state.positions.gather(1, order)
+        state.attention, state.held = scores, patches[:, keep:]
+        parts = [prefix, patches[:, :keep]]
+        if self.variant == "paper":
+            state.representative = summarise(state.held, scores[:, keep:])
+            parts.append(state.representative)
+        # The tracer is told of a restore at every close, so it takes original indices here.
+        report_selection(self, state.positions[:, :keep], others=HELD_AS[self.variant], appended=len(parts) - 2)
+        return torch.cat(parts, dim=1)
+
+    def close_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Hand the held tokens back: fast path and original order (paper), or as they were, after the kept ones."""
+        state = self.state
+        if state.held is None:
+            return x
+        if self.variant == "paper":
+            x = self.restore(x)
+        else:
+            x = torch.cat([x, state.held], dim=1)  # write-back, in the order of g, as released
+        state.held = None
+        report_restore(self)
+        return x
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Fast path for the held tokens, then every patch token back in its original place."""
+        state = self.state
+        prefix, kept, representative = x[:, : self.prefix], x[:, self.prefix : -1], x[:, -1:]
+        held = state.held + (representative - state.representative)  # [B, M - K, C]
+        back = state.positions.argsort(dim=1)  # [B, M]: where each original patch sits now
+        state.attention = state.attention.gather(1, back)
+        state.positions = state.representative = None
+        return torch.cat([prefix, gather_tokens(torch.cat([kept, held], dim=1), back)], dim=1)
+
+
+class MeanPoolHead(VisionTransformer):
+    """VisionTransformer with the released Evo-ViT head: mean of the patch tokens, final norm, classifier.
+
+    LayerNorm does not commute with the mean, so forward_features stops before the final norm and the
+    head applies it to the pooled feature. `fc_norm(norm(.))` fits both timm layouts: stock DeiT
+    (norm, no fc_norm) and global_pool="avg" models (fc_norm, no norm), where Evo-ViT's weights map.
+    """
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))  # [B, N, C]
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(self.norm(x[:, self.num_prefix_tokens :].mean(dim=1))))  # [B, C]
+        return x if pre_logits else self.head(x)
+
+
+def check_patchable(model: VisionTransformer, config: EvoViTConfig, blocks: list[int]) -> None:
+    require_class_token(model, "evo-vit")
+    require_stock_blocks(model, blocks, "evo-vit")
+    (height, width), (ph, pw) = model_image_size(model), patch_size(model)
+    patches = (height // ph) * (width // pw)
+    if config.locations and int(config.keep_rate * patches) < 1:
+        raise TokenBenchError(f"keep_rate {config.keep_rate} keeps none of the model's {patches} patch tokens")
+    if config.pooling == "mean" and type(model) is not VisionTransformer:
+        raise TokenBenchError(
+            f"head 'mean' replaces the head of a plain VisionTransformer, not of {type(model).__name__}; use head='cls'"
+        )
+
+
+def stage_roles(locations: tuple[int, ...], depth: int) -> dict[str, set[int]]:
+    """The blocks that open a stage, track g (the first of them starts it) and close a stage."""
+    if not locations:
+        return {"opens": set(), "tracks": set(), "starts": set(), "closes": set()}
+    return {
+        "opens": set(locations),
+        "tracks": set(range(locations[0] - 1, locations[-1])),
+        "starts": {locations[0] - 1},
+        "closes": {i - 1 for i in locations[1:]} | {depth - 1},
+    }
+
+
+@register("evo-vit", config=EvoViTConfig)
+def apply_evovit(model: VisionTransformer, config: EvoViTConfig) -> None:
+    """Keep the top patch tokens by global class attention; the rest take a fast path (Evo-ViT)."""
+    roles = stage_roles(config.locations, depth(model))
+    blocks = sorted(set().union(*roles.values()))
+    check_patchable(model, config, blocks)
+    state = StageState()
+    for i in blocks:
+        block = model.blocks[i]
+        block.__class__ = EvoBlock
+        block.state, block.variant, block.prefix = state, config.variant, num_prefix_tokens(model)
+        block.keep_rate, block.tradeoff = config.keep_rate, config.tradeoff
+        for role, indices in roles.items():
+            setattr(block, role, i in indices)
+        if block.tracks:
+            tap_query_key(block)
+    if config.pooling == "mean":
+        model.__class__ = MeanPoolHead
