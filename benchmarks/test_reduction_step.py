@@ -1,0 +1,114 @@
+"""Each method's token-reduction step, and its parts, against the transformer block it sits in.
+
+Everything runs on the same tokens: those of a DeiT-S at 224 at block 3, EViT's first location
+(1 class token and 196 patches, of which 138 are kept at keep rate 0.7). The reference is a stock
+timm Block's forward on those tokens: a step that costs a few percent of it is cheap, one that
+rivals it eats the saving of the tokens it removes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+
+import methods
+from benchmarks.conftest import IMG_SIZE, MODEL
+from harness.models import create_model
+from methods.timm_compat import take_tapped_qk, tap_query_key
+from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, split_prefix, top_k_indices
+
+LOCATION = 3
+KEEP_RATE = 0.7
+PREFIX = 1  # DeiT's class token
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    block: Block  # the stock block at LOCATION
+    x: torch.Tensor  # [B, N, C] tokens entering it
+    attended: torch.Tensor  # [B, N, C] after its attention residual: what a selection step receives
+    q_cls: torch.Tensor  # [B, H, 1, D] the class token's query
+    k: torch.Tensor  # [B, H, N, D] the keys
+    scale: float
+    scores: torch.Tensor  # [B, N - 1] class attention to each patch
+    kept: torch.Tensor  # [B, k] the patches kept
+
+
+@pytest.fixture(scope="module")
+def inputs(images: torch.Tensor, device: str) -> BlockInputs:
+    model = create_model(MODEL, IMG_SIZE).to(device).eval()
+    block = model.blocks[LOCATION]
+    captured = {}
+    hook = block.register_forward_pre_hook(lambda _module, args: captured.setdefault("x", args[0]))
+    tapped = copy.deepcopy(block)
+    tap_query_key(tapped)  # keeps the q/k that timm's own attention computes
+    with torch.inference_mode():
+        model(images)
+        x = captured["x"]
+        attended = x + tapped.attn(tapped.norm1(x))  # DeiT: no LayerScale, no drop-path in eval
+        q_cls, k, scale = take_tapped_qk(tapped)
+        scores = class_attention(q_cls, k, scale, PREFIX)
+        kept = top_k_indices(scores, keep_count(KEEP_RATE, scores.shape[1]))
+    hook.remove()
+    return BlockInputs(block, x, attended, q_cls, k, scale, scores, kept)
+
+
+def patches(inputs: BlockInputs) -> torch.Tensor:
+    return split_prefix(inputs.attended, PREFIX)[1]  # [B, N - 1, C]
+
+
+PARTS: dict[str, Callable[[BlockInputs], torch.Tensor]] = {
+    "block: stock timm Block forward": lambda i: i.block(i.x),
+    "part: scoring (class_attention)": lambda i: class_attention(i.q_cls, i.k, i.scale, PREFIX),
+    "part: top-k": lambda i: top_k_indices(i.scores, i.kept.shape[1]),
+    "part: gather": lambda i: gather_tokens(patches(i), i.kept),
+    "part: fusion": lambda i: fuse_dropped(patches(i), i.scores, i.kept),
+}
+
+
+def selecting_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], torch.Tensor]:
+    """EViT's and prune's step as their patched block runs it: `select_tokens`, between attention
+    and FFN, given the q/k that the block's attention would have left for it."""
+    model = methods.apply(create_model(MODEL, IMG_SIZE), name, keep_rate=KEEP_RATE, locations=(LOCATION,))
+    block = model.to(device).eval().blocks[LOCATION]
+
+    def step() -> torch.Tensor:
+        block.tapped_qk.update(q_cls=inputs.q_cls, k=inputs.k)
+        return block.select_tokens(inputs.attended)
+
+    return step
+
+
+# How to run each method's reduction step in isolation; a method missing here is skipped, by name.
+STEPS: dict[str, Callable[[str, BlockInputs, str], Callable[[], torch.Tensor]]] = {
+    "evit": selecting_step,
+    "prune": selecting_step,
+}
+
+
+def group(batch_size: int, device: str) -> str:
+    return f"reduction step at block {LOCATION}: {MODEL} at {IMG_SIZE}, batch {batch_size}, {device}"
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_block_and_parts(benchmark, part, inputs, batch_size, device, measured):
+    benchmark.group = group(batch_size, device)
+    benchmark(measured(lambda: PARTS[part](inputs)))
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_method_step(benchmark, name, inputs, batch_size, device, measured):
+    if not methods.lookup(name).make_config().locations:
+        pytest.skip(f"{name} reduces no tokens")
+    if name not in STEPS:
+        pytest.skip(f"no reduction-step benchmark for {name} yet: add it to STEPS in {__name__}")
+    step = STEPS[name](name, inputs, device)
+    kept = measured(step)().shape[1] - PREFIX
+    benchmark.group = group(batch_size, device)
+    benchmark.extra_info.update(method=name, tokens_in=inputs.attended.shape[1], tokens_out=PREFIX + kept)
+    benchmark(measured(step))

@@ -1,0 +1,161 @@
+"""ImageNet-style evaluation data: a folder of class sub-folders, or a flat folder with a labels CSV.
+
+Class indices follow torchvision's ImageFolder: sorted sub-folder names (ImageNet's synsets) give
+0..K-1; hidden folders (a stray `.ipynb_checkpoints`) are not classes. An image that cannot be read
+is skipped and counted, never fatal: the dataset yields None for it and `collate_readable` drops it
+from the batch and says how many it dropped, which works with DataLoader workers too.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from methods.errors import TokenBenchError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
+
+Sample = tuple[Path, int]
+
+
+class ImageDataset(Dataset):
+    """(path, label) samples read as RGB and transformed; an unreadable file gives None.
+
+    classes: the class folder names, index = label (None for the CSV layout).
+    """
+
+    def __init__(self, samples: list[Sample], transform: Callable | None, classes: list[str] | None = None) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except UNREADABLE:
+            return None
+        return (self.transform(rgb) if self.transform is not None else rgb), label
+
+
+def collate_readable(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """(images [B, 3, H, W] or None if none was readable, labels [B], how many were unreadable)."""
+    readable = [item for item in batch if item is not None]
+    skipped = len(batch) - len(readable)
+    if not readable:
+        return None, torch.empty(0, dtype=torch.long), skipped
+    images, labels = default_collate(readable)
+    return images, labels, skipped
+
+
+def load_imagenet_folder(
+    root: str | Path,
+    transform: Callable | None,
+    *,
+    labels_csv: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """The images under `root`, labelled by class folder or by `labels_csv` (`filename,label` rows,
+    filenames relative to `root`, an optional header). `limit`: only the first `limit` images of a
+    permutation fixed by `seed` and the file names, so every run and machine takes the same subset."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TokenBenchError(f"image folder {root} does not exist or is not a folder")
+    if labels_csv is None:
+        samples, classes = folder_samples(root)
+    else:
+        samples, classes = csv_samples(root, Path(labels_csv)), None
+    if limit is not None:
+        samples = seeded_subset(samples, root, limit, seed)
+    return ImageDataset(samples, transform, classes)
+
+
+def class_folders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def folder_samples(root: Path) -> tuple[list[Sample], list[str]]:
+    """The images under each class folder, labelled by the folder's position in sorted order."""
+    classes = class_folders(root)
+    if not classes:
+        raise TokenBenchError(
+            f"{root} has no class sub-folders; for a flat folder of images give a labels CSV (filename,label)"
+        )
+    samples = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if is_image(path)
+    ]
+    if not samples:
+        raise TokenBenchError(f"the class folders of {root} hold no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return samples, classes
+
+
+def csv_samples(root: Path, labels_csv: Path) -> list[Sample]:
+    if not labels_csv.is_file():
+        raise TokenBenchError(f"labels CSV {labels_csv} does not exist")
+    with labels_csv.open(newline="") as file:
+        rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
+    if rows and (len(rows[0]) < 2 or parse_label(rows[0][1]) is None):
+        rows = rows[1:]  # a header
+    samples = []
+    for row in rows:
+        label = parse_label(row[1]) if len(row) >= 2 else None
+        if label is None:
+            raise TokenBenchError(f"{labels_csv}: row {row!r} is not 'filename,label' with a class index >= 0")
+        samples.append((root / row[0].strip(), label))
+    if not samples:
+        raise TokenBenchError(f"labels CSV {labels_csv} lists no images")
+    missing = [path for path, _ in samples if not path.is_file()]
+    if missing:
+        raise TokenBenchError(f"{labels_csv} names {len(missing)} file(s) not found in {root}, e.g. {missing[0].name}")
+    return samples
+
+
+def parse_label(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def seeded_subset(samples: list[Sample], root: Path, limit: int, seed: int) -> list[Sample]:
+    """The first `limit` samples in the order of sha256(seed, relative path), kept in their own order.
+
+    Hashing names rather than shuffling positions makes the subset independent of listing order and
+    of Python's or torch's random generators; a larger limit takes a superset.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise TokenBenchError(f"limit must be a positive int (images to evaluate), got {limit!r}")
+
+    def rank(index: int) -> str:
+        path = samples[index][0]
+        name = (path.relative_to(root) if path.is_relative_to(root) else path).as_posix()
+        return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+    chosen = sorted(sorted(range(len(samples)), key=rank)[:limit])
+    return [samples[i] for i in chosen]
+
+
+def eval_transform(model: nn.Module, img_size: int) -> Callable:
+    """timm's evaluation preprocessing from the model's pretrained config (interpolation, crop_pct,
+    mean/std) at `img_size`: resize to img_size / crop_pct, center-crop img_size, normalise."""
+    config = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
+    return create_transform(**config, is_training=False)

@@ -1,0 +1,76 @@
+"""torch.distributed from torchrun's environment, and the two operations a sharded evaluation needs.
+
+With CUDA the process group has two backends, gloo for CPU tensors and nccl for CUDA ones, so a
+collective works whichever device the caller evaluates on; each process uses GPU LOCAL_RANK.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from methods.errors import TokenBenchError
+
+REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise TokenBenchError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes when WORLD_SIZE > 1; return whether distributed."""
+    world = env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return False
+    if is_distributed():
+        return True
+    missing = [name for name in REQUIRED_ENV if name not in os.environ]
+    if missing:
+        raise TokenBenchError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start the processes with torchrun")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        local_rank = env_int("LOCAL_RANK", 0)
+        if not 0 <= local_rank < torch.cuda.device_count():
+            raise TokenBenchError(f"LOCAL_RANK={local_rank}, but {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group, if any."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not distributed: the one process that writes results."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def shard_indices(length: int) -> range:
+    """This process's share of `length` items: i % world == rank, so each item goes to exactly one
+    rank (unlike DistributedSampler, which pads the shards with repeated items)."""
+    if not is_distributed():
+        return range(length)
+    return range(dist.get_rank(), length, dist.get_world_size())
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over all processes (a copy; the input is left alone)."""
+    total = values.clone()
+    if is_distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total

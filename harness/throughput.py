@@ -1,0 +1,258 @@
+"""Images per second, timed as timm's benchmark does, for one model or several interleaved.
+
+Protocol: eval mode under torch.inference_mode(), autocast for fp16/bf16 (weights stay fp32), one
+random batch created once on the device, `warmup` untimed iterations, then `windows` windows of
+`iters` iterations timed with time.perf_counter and bounded by torch.cuda.synchronize() on CUDA.
+The figure is the median over windows; min, max and IQR give its spread. A batch that runs out of
+GPU memory is halved and the measurement restarted; the halvings are recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from harness.provenance import device_name
+from methods.errors import TokenBenchError
+from methods.timm_compat import check_image_size
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+CPU_PRECISIONS = ("fp32", "bf16")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = "auto, cpu, cuda, cuda:N"
+CPU_BATCH = 32
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Raise unless `precision` is known and runs on `device` (CPU autocast has no fp16)."""
+    if precision not in PRECISIONS:
+        raise TokenBenchError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if device == "cpu" and precision not in CPU_PRECISIONS:
+        raise TokenBenchError(f"precision {precision} does not run on CPU; allowed on CPU: {', '.join(CPU_PRECISIONS)}")
+
+
+def check_positive(name: str, value: int | None, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TokenBenchError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ThroughputConfig:
+    """How to time. batch_size None: on CUDA the largest power of two up to max_batch that fits
+    (found by halving on OOM), on CPU 32. threads: CPU threads for the run (None: leave as is).
+    tf32: allow TF32 matmuls and convolutions on CUDA (set explicitly either way)."""
+
+    device: str = "cpu"
+    batch_size: int | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    warmup: int = 3
+    iters: int = 5
+    windows: int = 5
+    threads: int | None = None
+    tf32: bool = True
+    max_batch: int = 1024
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise TokenBenchError(f"unknown device {self.device!r}; allowed: {DEVICES}")
+        check_precision(self.device, self.precision)
+        check_positive("batch_size", self.batch_size, optional=True)
+        check_positive("warmup", self.warmup, minimum=0)
+        if self.compile and self.warmup < 1:
+            raise TokenBenchError("compile needs warmup >= 1: the first call compiles and must not be timed")
+        check_positive("iters", self.iters)
+        check_positive("windows", self.windows)
+        check_positive("threads", self.threads, optional=True)
+        check_positive("max_batch", self.max_batch)
+        if self.max_batch & (self.max_batch - 1):
+            raise TokenBenchError(f"max_batch must be a power of two, got {self.max_batch}")
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Images per second: the median over timing windows, with its spread, and how it was measured."""
+
+    img_per_s: float
+    img_per_s_min: float
+    img_per_s_max: float
+    img_per_s_iqr: float
+    batch_size: int
+    oom_halvings: int
+    device_name: str
+    protocol: dict
+
+
+def resolve_device(device: str) -> str:
+    """The device to run on: "auto" is "cuda" if a GPU is visible, else "cpu"; a CUDA device must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", device) if isinstance(device, str) else None
+    if match is None:
+        raise TokenBenchError(f"unknown device {device!r}; allowed: {DEVICES}")
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            raise TokenBenchError(f"device {device} asked for, but torch sees no CUDA GPU; use cpu or auto")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            raise TokenBenchError(f"device {device} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def check_device_precision(device: str, precision: str) -> None:
+    """`check_precision` for a resolved device, and bf16 only where the GPU has it."""
+    check_precision(device, precision)
+    if device != "cpu" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TokenBenchError(f"{device_name(device)} has no bf16; use fp16 or fp32")
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to fp16/bf16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize(torch.device(device))
+
+
+@contextlib.contextmanager
+def prepared_for_inference(model: nn.Module, device: str) -> Iterator[nn.Module]:
+    """The model in eval mode on `device`; afterwards each module's mode and the device are restored."""
+    modes = {module: module.training for module in model.modules()}
+    param = next(model.parameters(), None)
+    original = param.device if param is not None else None
+    try:
+        yield model.eval().to(device)
+    finally:
+        if original is not None:
+            model.to(original)
+        for module, training in modes.items():
+            module.training = training
+
+
+@contextlib.contextmanager
+def run_settings(device: str, config: ThroughputConfig) -> Iterator[dict]:
+    """Set CPU threads and (on CUDA) TF32 for the run and restore them after; yields what was used."""
+    threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        if device != "cpu":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+        yield {"threads": torch.get_num_threads(), "tf32": config.tf32 if device != "cpu" else None}
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def measure_throughput(model: nn.Module, img_size: int, config: ThroughputConfig) -> ThroughputResult:
+    """Images per second of `model` on `img_size` images; the model is left as it was found."""
+    return measure_interleaved({"model": model}, img_size, config)["model"]
+
+
+def measure_interleaved(
+    models: Mapping[str, nn.Module], img_size: int, config: ThroughputConfig
+) -> dict[str, ThroughputResult]:
+    """Images per second of each model, their windows timed in turn (A B A B ...) at one batch size,
+    so that drifts in clock speed or load hit all alike: compare them by the ratio of medians."""
+    if not models:
+        raise TokenBenchError("measure_interleaved needs at least one model")
+    device = resolve_device(config.device)
+    check_device_precision(device, config.precision)
+    for model in models.values():
+        size = check_image_size(model, img_size)
+    with contextlib.ExitStack() as stack:
+        settings = stack.enter_context(run_settings(device, config))
+        runners = {name: stack.enter_context(prepared_for_inference(model, device)) for name, model in models.items()}
+        if config.compile:
+            runners = {name: torch.compile(model, dynamic=False) for name, model in runners.items()}
+        batch, halvings, rates = time_with_backoff(runners, size, device, config)
+    protocol = {
+        "device": device,
+        "precision": config.precision,
+        "compile": config.compile,
+        "warmup": config.warmup,
+        "iters": config.iters,
+        "windows": config.windows,
+        "threads": settings["threads"],
+        "tf32": settings["tf32"],
+        "batch_size_requested": config.batch_size,
+        "max_batch": config.max_batch if config.batch_size is None and device != "cpu" else None,
+        "img_size": img_size,
+        "interleaved": len(models),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda if device != "cpu" else None,
+    }
+    name = device_name(device)
+    return {key: summarise(rates[key], batch, halvings, name, protocol) for key in models}
+
+
+def time_with_backoff(
+    runners: Mapping[str, Callable], size: tuple[int, int], device: str, config: ThroughputConfig
+) -> tuple[int, int, dict[str, list[float]]]:
+    """(batch, halvings, images/s per window of each runner), halving the batch on OOM until it fits."""
+    batch = config.batch_size or (CPU_BATCH if device == "cpu" else config.max_batch)
+    halvings = 0
+    while True:
+        try:
+            return batch, halvings, time_windows(runners, batch, size, device, config)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the except block first: its traceback holds the tensors to free
+        gc.collect()
+        if device != "cpu":
+            torch.cuda.empty_cache()
+        if batch == 1:
+            raise TokenBenchError(f"out of memory on {device_name(device)} ({device}) even at batch size 1")
+        batch //= 2
+        halvings += 1
+
+
+def time_windows(
+    runners: Mapping[str, Callable], batch: int, size: tuple[int, int], device: str, config: ThroughputConfig
+) -> dict[str, list[float]]:
+    """Images per second of each runner in each window, the windows going round-robin over runners."""
+    generator = torch.Generator(device).manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=generator, device=device)  # [B, 3, H, W]
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.inference_mode(), autocast(device, config.precision):
+        for run in runners.values():
+            for _ in range(config.warmup):
+                run(images)
+        for _ in range(config.windows):
+            for name, run in runners.items():
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(config.iters):
+                    run(images)
+                synchronize(device)
+                rates[name].append(batch * config.iters / (time.perf_counter() - start))
+    return rates
+
+
+def summarise(rates: list[float], batch: int, halvings: int, name: str, protocol: dict) -> ThroughputResult:
+    q1, median, q3 = np.percentile(rates, [25, 50, 75])
+    return ThroughputResult(
+        img_per_s=float(median),
+        img_per_s_min=float(min(rates)),
+        img_per_s_max=float(max(rates)),
+        img_per_s_iqr=float(q3 - q1),
+        batch_size=batch,
+        oom_halvings=halvings,
+        device_name=name,
+        protocol=dict(protocol),
+    )

@@ -1,0 +1,112 @@
+"""Sharded evaluation: two gloo processes on this machine count every image exactly once."""
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset
+
+from harness.accuracy import evaluate
+from harness.data import eval_transform, load_imagenet_folder
+from harness.distributed import init_from_env, is_main_process, shard_indices, shutdown
+from methods import TokenBenchError
+from tests.conftest import tiny_vit
+from tests.test_accuracy import CLASSES, noise_tree
+
+WORLD = 2
+# fork spares each process re-importing torch and timm (seconds); like DataLoader workers, a forked
+# process sets one thread before running torch ops.
+START = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+class Recording(Dataset):
+    """The dataset, noting which indices this process loads."""
+
+    def __init__(self, inner):
+        self.inner, self.classes, self.seen = inner, inner.classes, []
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        self.seen.append(index)
+        return self.inner[index]
+
+
+def build(root):
+    model = tiny_vit(num_classes=CLASSES)
+    return model, Recording(load_imagenet_folder(root, eval_transform(model, 64)))
+
+
+def evaluate_on_rank(rank, port, root, out):
+    """One torchrun-like process: the environment torchrun would set, then the code under test."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    assert init_from_env()
+    try:
+        model, dataset = build(root)
+        result = evaluate(model, dataset, batch_size=4)
+        record = {"result": asdict(result), "seen": dataset.seen, "main": is_main_process()}
+        (out / f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        shutdown()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(*args, timeout=120):
+    context = mp.start_processes(evaluate_on_rank, args=args, nprocs=WORLD, join=False, start_method=START)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} processes did not finish in {timeout} s")
+
+
+def test_two_processes_count_every_image_once_and_agree_with_one(tmp_path):
+    root = noise_tree(tmp_path / "val")  # 24 readable images and 1 unreadable: 25, an odd number
+    model, dataset = build(root)
+    expected = evaluate(model, dataset, batch_size=4)
+    assert len(dataset) == 25
+    run_ranks(free_port(), root, tmp_path)
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert [record["main"] for record in records] == [True, False]
+    for record in records:
+        assert record["result"] == asdict(expected)  # every rank holds the summed result
+    seen = [index for record in records for index in record["seen"]]
+    assert sorted(seen) == list(range(25))  # each image loaded by exactly one rank
+    assert [len(record["seen"]) for record in records] == [13, 12]
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not init_from_env()
+    assert is_main_process()
+    assert shard_indices(5) == range(5)
+
+
+def test_incomplete_torchrun_environment_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(TokenBenchError, match="RANK, MASTER_ADDR, MASTER_PORT unset: start the processes with"):
+        init_from_env()
+
+
+def test_non_integer_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(TokenBenchError, match="WORLD_SIZE must be an integer"):
+        init_from_env()

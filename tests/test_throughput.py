@@ -1,0 +1,154 @@
+"""Throughput on CPU: the protocol runs, leaves the model and torch as it found them, and backs off on OOM."""
+
+import subprocess
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from harness.provenance import cpu_name, git_state, provenance
+from harness.throughput import ThroughputConfig, measure_interleaved, measure_throughput, resolve_device
+from methods import TokenBenchError
+from tests.conftest import tiny_vit
+
+QUICK = dict(batch_size=4, warmup=1, iters=2, windows=3)
+
+
+def test_positive_figures_and_the_protocol_recorded():
+    result = measure_throughput(tiny_vit(), 64, ThroughputConfig(**QUICK))
+    assert result.img_per_s_min <= result.img_per_s <= result.img_per_s_max
+    assert result.img_per_s_min > 0 and result.img_per_s_iqr >= 0
+    assert result.batch_size == 4 and result.oom_halvings == 0
+    assert result.device_name
+    protocol = result.protocol
+    assert protocol["device"] == "cpu" and protocol["precision"] == "fp32" and protocol["img_size"] == 64
+    assert (protocol["warmup"], protocol["iters"], protocol["windows"]) == (1, 2, 3)
+    assert protocol["torch"] == torch.__version__ and "timm" in protocol and protocol["tf32"] is None
+
+
+def test_each_window_runs_iters_forward_passes_on_one_batch():
+    model = tiny_vit()
+    batches = []
+    model.register_forward_pre_hook(lambda _m, args: batches.append(args[0]))
+    measure_throughput(model, 64, ThroughputConfig(**QUICK))
+    assert len(batches) == 1 + 3 * 2  # warm-up, then windows x iters
+    assert all(batch is batches[0] for batch in batches)  # created once
+    assert batches[0].shape == (4, 3, 64, 64)
+
+
+def test_default_cpu_batch_is_32():
+    result = measure_throughput(tiny_vit(), 64, ThroughputConfig(warmup=0, iters=1, windows=1))
+    assert result.batch_size == 32 and result.protocol["batch_size_requested"] is None
+
+
+def test_modes_and_thread_count_are_restored():
+    model = tiny_vit().train()
+    model.blocks[1].eval()
+    threads = torch.get_num_threads()
+    seen = {}
+    model.register_forward_pre_hook(lambda m, _args: seen.update(training=m.training, threads=torch.get_num_threads()))
+    result = measure_throughput(model, 64, ThroughputConfig(**QUICK, threads=1))
+    assert seen == {"training": False, "threads": 1}
+    assert result.protocol["threads"] == 1
+    assert torch.get_num_threads() == threads
+    assert model.training and not model.blocks[1].training and model.blocks[2].training
+
+
+def test_bf16_autocast_runs_on_cpu():
+    model = tiny_vit()
+    dtypes = []
+    model.head.register_forward_hook(lambda _m, _args, out: dtypes.append(out.dtype))
+    result = measure_throughput(model, 64, ThroughputConfig(**QUICK, precision="bf16"))
+    assert result.img_per_s > 0 and set(dtypes) == {torch.bfloat16}
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_interleaved_gives_one_result_per_model_timed_in_turn():
+    order = []
+    models = {name: tiny_vit() for name in ("a", "b")}
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda _m, _args, name=name: order.append(name))
+    results = measure_interleaved(models, 64, ThroughputConfig(**QUICK))
+    assert set(results) == {"a", "b"}
+    assert all(r.img_per_s > 0 and r.batch_size == 4 and r.protocol["interleaved"] == 2 for r in results.values())
+    timed = order[2:]  # after one warm-up pass each
+    assert timed == ["a", "a", "b", "b"] * 3  # window by window: a's iters, then b's
+
+
+def oom_above(model, limit):
+    forward = model.forward
+
+    def guarded(x):
+        if x.shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(x)
+
+    model.forward = guarded
+    return model
+
+
+def test_out_of_memory_halves_the_batch_and_counts_it():
+    result = measure_throughput(oom_above(tiny_vit(), 4), 64, ThroughputConfig(**{**QUICK, "batch_size": 16}))
+    assert result.batch_size == 4 and result.oom_halvings == 2
+    assert result.protocol["batch_size_requested"] == 16
+
+
+def test_interleaved_models_share_the_batch_that_fits_all():
+    models = {"small": oom_above(tiny_vit(), 8), "large": oom_above(tiny_vit(), 2)}
+    results = measure_interleaved(models, 64, ThroughputConfig(**{**QUICK, "batch_size": 8}))
+    assert {(r.batch_size, r.oom_halvings) for r in results.values()} == {(2, 2)}
+
+
+def test_out_of_memory_at_batch_one_is_a_clear_error():
+    model = oom_above(tiny_vit().train(), 0)
+    with pytest.raises(TokenBenchError, match="out of memory .* even at batch size 1"):
+        measure_throughput(model, 64, ThroughputConfig(**QUICK))
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(precision="fp8"), "unknown precision 'fp8'; allowed: fp32, fp16, bf16"),
+        (dict(precision="fp16"), "does not run on CPU; allowed on CPU: fp32, bf16"),
+        (dict(device="tpu"), "unknown device 'tpu'; allowed: auto, cpu, cuda, cuda:N"),
+        (dict(batch_size=0), "batch_size must be an int >= 1 or None"),
+        (dict(iters=0), "iters must be an int >= 1"),
+        (dict(compile=True, warmup=0), "compile needs warmup >= 1"),
+        (dict(max_batch=1000), "max_batch must be a power of two"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(options, message):
+    with pytest.raises(TokenBenchError, match=message):
+        ThroughputConfig(**options)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TokenBenchError, match="allowed: auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(TokenBenchError, match="torch sees no CUDA GPU"):
+        measure_throughput(tiny_vit(), 64, ThroughputConfig(device="cuda"))
+
+
+def test_image_size_is_checked_against_the_model():
+    with pytest.raises(TokenBenchError, match="not divisible by the patch size"):
+        measure_throughput(tiny_vit(), 70, ThroughputConfig(**QUICK))
+
+
+def test_provenance_names_the_commit_versions_and_device(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    record = provenance("cpu")
+    assert record["git_commit"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    assert record["torch"] == torch.__version__ and record["timm"] == timm.__version__
+    assert record["device"] == "cpu" and record["device_name"] == cpu_name()
+    assert datetime.fromisoformat(record["date_utc"]).utcoffset() == timedelta(0)
+    assert git_state(tmp_path) == ("unknown", None)  # not a checkout
