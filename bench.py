@@ -1,10 +1,84 @@
-"""tokenbench's command line: `bench list`, `bench run`, ... (see `bench --help`)."""
+"""tokenbench's command line: list | run | report | plot | check | viz (see `bench --help`).
+
+This module parses options and calls the harness; it measures nothing itself.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import click
+import yaml
 
 import methods
+from methods.errors import TokenBenchError
+
+DEFAULT_OUT = "results/run"
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the library's TokenBenchError into Click's usage error: one line, exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except TokenBenchError as error:
+            raise click.UsageError(str(error)) from None
+
+    return wrapper
+
+
+def split_list(value: str, convert: Callable[[str], Any], what: str) -> tuple:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise click.BadParameter(f"expected a comma-separated list of {what}, got {value!r}")
+    try:
+        return tuple(convert(item) for item in items)
+    except ValueError:
+        raise click.BadParameter(f"expected a comma-separated list of {what}, got {value!r}") from None
+
+
+def parse_methods(value: str) -> tuple[str, ...]:
+    names = split_list(value, str, "method names")
+    unknown = [name for name in names if name not in methods.list_methods()]
+    if unknown:
+        raise click.BadParameter(f"unknown method {', '.join(unknown)}; known: {', '.join(methods.list_methods())}")
+    return names
+
+
+def parse_option_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def parse_method_args(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`METHOD:key=value,key=value`; values are YAML scalars or [lists]."""
+    parsed: dict[str, dict[str, Any]] = {}
+    for value in values:
+        method, sep, rest = value.partition(":")
+        pairs = re.split(r",(?![^\[]*\])", rest)  # commas outside [...]
+        if not sep or not all("=" in pair for pair in pairs):
+            raise click.BadParameter(f"expected METHOD:key=value[,key=value...], got {value!r}")
+        options = parsed.setdefault(method.strip(), {})
+        for pair in pairs:
+            key, _, text = pair.partition("=")
+            options[key.strip()] = parse_option_value(text.strip())
+    return parsed
+
+
+def parse_checkpoints(values: tuple[str, ...]) -> dict[str, str]:
+    checkpoints = {}
+    for value in values:
+        method, sep, path = value.partition("=")
+        if not sep or not method or not path:
+            raise click.BadParameter(f"expected METHOD=PATH, got {value!r}")
+        checkpoints[method.strip()] = path.strip()
+    return checkpoints
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +94,188 @@ def list_command() -> None:
         click.echo(f"{name}: {spec.summary}")
         for option, default in spec.defaults().items():
             click.echo(f"    {option} = {default!r}")
+
+
+SWEEP_KEYS = (
+    "model methods keep_rates resolutions device batch_size precision compile warmup iters windows threads "
+    "data labels_csv limit checkpoints method_args out"
+).split()
+
+
+def read_sweep_file(path: str) -> dict[str, Any]:
+    """A YAML sweep file: the same names as the options (keep_rates or keep-rates, lists as lists)."""
+    try:
+        content = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise click.BadParameter(f"cannot read sweep file {path}: {error}") from None
+    if not isinstance(content, dict):
+        raise click.BadParameter(f"sweep file {path} must hold a mapping of option names to values")
+    settings = {key.replace("-", "_"): value for key, value in content.items()}
+    unknown = sorted(set(settings) - set(SWEEP_KEYS))
+    if unknown:
+        raise click.BadParameter(
+            f"sweep file {path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(SWEEP_KEYS)}"
+        )
+    for key in ("methods", "keep_rates", "resolutions"):
+        if isinstance(settings.get(key), list):
+            settings[key] = tuple(settings[key])
+    if isinstance(settings.get("method_args"), dict):
+        settings["method_args"] = {
+            method: {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
+            for method, options in settings["method_args"].items()
+        }
+    return settings
+
+
+@cli.command("run")
+@click.option("--methods", "method_list", help="Comma-separated methods; default: every registered method.")
+@click.option("--model", help="A timm ViT name.  [default: deit_small_patch16_224]")
+@click.option("--keep-rates", help="Comma-separated keep rates in (0, 1].  [default: 0.5,0.7,0.9]")
+@click.option("--resolutions", help="Comma-separated input sizes, multiples of the patch size.  [default: 224]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Default: searched on GPU, 8 on CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="[default: fp32]")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the models.")
+@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up iterations.  [default: 1 on CPU, 10 on GPU]")
+@click.option(
+    "--iters", type=click.IntRange(min=1), help="Timed iterations per window.  [default: 2 on CPU, 20 on GPU]"
+)
+@click.option("--windows", type=click.IntRange(min=1), help="Timing windows (median over them).  [default: 5]")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
+@click.option(
+    "--data", type=click.Path(), help="ImageNet validation folder (class sub-folders, or flat with --labels)."
+)
+@click.option("--labels", "labels_csv", type=click.Path(), help="CSV of filename,label for a flat --data folder.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N of a fixed, seeded subset.")
+@click.option("--checkpoint", "checkpoint_args", multiple=True, help="METHOD=PATH, repeatable.")
+@click.option("--method-args", "method_args_args", multiple=True, help="METHOD:key=value[,key=value], repeatable.")
+@click.option("--config", "config_file", type=click.Path(), help="A YAML sweep file; options override it.")
+@click.option("--out", help=f"Run folder; the same command resumes it.  [default: {DEFAULT_OUT}]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
+    """Measure MACs, token counts, throughput and (with --data) top-1 over a grid of configurations.
+
+    Vanilla is measured once per resolution as the reference; each method's speedup is timed
+    interleaved with it. Rows are written as they are measured; rerunning resumes.
+    """
+    from harness.distributed import init_from_env, is_main_process
+    from harness.records import RunStore
+    from harness.report import write_report
+    from harness.sweep import SweepConfig, preflight, run_sweep
+    from harness.throughput import resolve_device
+
+    settings = read_sweep_file(config_file) if config_file else {}
+    settings.update(cli_settings(options))
+    out = settings.pop("out", None) or DEFAULT_OUT
+    device = resolve_device(settings.pop("device", None) or "auto")
+    sweep = SweepConfig(device=device, **settings)
+    preflight(sweep)
+    distributed = init_from_env()
+    store = RunStore.prepare(out) if is_main_process() else None
+    rows = sum(1 for _ in run_sweep(sweep, store, device, progress=not quiet and is_main_process()))
+    if store is not None:
+        click.echo(f"{rows} new rows in {store.path} ({len(store.done_keys())} in all)")
+        click.echo(write_report(out))
+    if distributed:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+
+
+def cli_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The options given on the command line, parsed, under SweepConfig's names."""
+    parsers = {
+        "method_list": ("methods", parse_methods),
+        "keep_rates": ("keep_rates", lambda v: split_list(v, float, "keep rates")),
+        "resolutions": ("resolutions", lambda v: split_list(v, int, "resolutions (ints)")),
+        "checkpoint_args": ("checkpoints", parse_checkpoints),
+        "method_args_args": ("method_args", parse_method_args),
+        "compile_": ("compile", bool),
+    }
+    settings = {}
+    for name, value in options.items():
+        if value is None or value == ():
+            continue
+        key, parse = parsers.get(name, (name, lambda v: v))
+        settings[key] = parse(value)
+    return settings
+
+
+@cli.command("report")
+@click.argument("run", type=click.Path())
+@user_errors
+def report_command(run: str) -> None:
+    """Per resolution: speedup and MAC reduction against vanilla, top-1 change (CSV + Markdown)."""
+    from harness.report import write_report
+
+    click.echo(write_report(run))
+
+
+@cli.command("plot")
+@click.argument("run", type=click.Path())
+@user_errors
+def plot_command(run: str) -> None:
+    """Trade-off figures (PNG and SVG): top-1 vs throughput and vs GMACs, or cost vs keep rate."""
+    from harness.plot import plot_run
+
+    for path in plot_run(run):
+        click.echo(path)
+
+
+@cli.command("check")
+@click.argument("run", type=click.Path())
+@click.option("--baseline", required=True, type=click.Path(), help="The committed baseline CSV.")
+@click.option("--tolerance", default=0.10, show_default=True, type=float, help="Allowed relative drop in speedup.")
+@click.option("--update", is_flag=True, help="Write the run's speedups as the baseline instead of checking.")
+@user_errors
+def check_command(run: str, baseline: str, tolerance: float, update: bool) -> None:
+    """Compare each method's speedup over vanilla with a baseline; exit 1 on a regression."""
+    from harness.check import check_run, update_baseline
+
+    if update:
+        click.echo(f"wrote {update_baseline(run, baseline)} rows to {baseline}")
+        return
+    result = check_run(run, baseline, tolerance)
+    for line in result.regressions + result.missing:
+        click.echo(f"REGRESSION {line}" if line in result.regressions else f"MISSING {line}")
+    if not result.passed:
+        raise SystemExit(1)
+    click.echo(f"ok: {result.compared} speedups within {tolerance:.0%} of the baseline")
+
+
+@cli.command("viz")
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--methods", "method_list", default="evit,prune", show_default=True, help="Comma-separated methods.")
+@click.option("--keep-rate", default=0.7, show_default=True, type=float, help="Keep rate in (0, 1].")
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="A timm ViT name.")
+@click.option("--resolution", default=224, show_default=True, type=click.IntRange(min=1), help="Input size.")
+@click.option("--checkpoint", "checkpoint_args", multiple=True, help="METHOD=PATH, repeatable.")
+@click.option("--out", default="results/viz", show_default=True, help="Folder for the figures.")
+@user_errors
+def viz_command(
+    images: tuple[str, ...],
+    method_list: str,
+    keep_rate: float,
+    model: str,
+    resolution: int,
+    checkpoint_args: tuple[str, ...],
+    out: str,
+) -> None:
+    """Which patches each method keeps at each stage (no IMAGE: matplotlib's sample photograph)."""
+    from harness.viz import visualise
+
+    paths = visualise(
+        images or None,
+        parse_methods(method_list),
+        keep_rate,
+        model_name=model,
+        checkpoints=parse_checkpoints(checkpoint_args),
+        out_dir=out,
+        img_size=resolution,
+    )
+    for path in paths:
+        click.echo(path)
 
 
 def main() -> None:

@@ -1,0 +1,63 @@
+"""The throughput regression check: each method's speedup over vanilla against a committed baseline.
+
+Speedups are ratios measured interleaved in one run, so they survive a noisy machine where
+absolute img/s would not; a regression is a speedup below baseline * (1 - tolerance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from harness.records import read_records, write_csv_atomically
+from methods.errors import TokenBenchError
+
+KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
+BASELINE_COLUMNS = [*KEY, "keep_rate", "speedup"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    compared: int
+    regressions: list[str]
+    missing: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions and not self.missing
+
+
+def describe(row: pd.Series) -> str:
+    return f"{row['method']} keep={row['keep_rate']:g} @{row['resolution']} {row['device']}/{row['precision']}"
+
+
+def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) -> CheckResult:
+    if not 0 <= tolerance < 1:
+        raise TokenBenchError(f"tolerance must be in [0, 1), got {tolerance}")
+    if not Path(baseline).is_file():
+        raise TokenBenchError(f"no baseline at {baseline}: write one with `bench check RUN --baseline FILE --update`")
+    expected = pd.read_csv(baseline)
+    measured = read_records(run)
+    merged = expected.merge(measured[BASELINE_COLUMNS], on=[*KEY, "keep_rate"], how="left", suffixes=("", "_run"))
+    merged = merged[merged["method"] != "vanilla"]
+    regressions, missing = [], []
+    for _, row in merged.iterrows():
+        if pd.isna(row["speedup_run"]):
+            missing.append(f"{describe(row)}: in the baseline but not measured in this run")
+        elif row["speedup_run"] < row["speedup"] * (1 - tolerance):
+            regressions.append(
+                f"{describe(row)}: speedup {row['speedup_run']:.3f} < baseline {row['speedup']:.3f} "
+                f"- {tolerance:.0%} (= {row['speedup'] * (1 - tolerance):.3f})"
+            )
+    return CheckResult(compared=len(merged) - len(missing), regressions=regressions, missing=missing)
+
+
+def update_baseline(run: str | Path, baseline: str | Path) -> int:
+    """Write the run's speedups as the new baseline; returns the number of rows written."""
+    rows = read_records(run)[BASELINE_COLUMNS]
+    path = Path(baseline)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomically(rows, path)
+    return len(rows)

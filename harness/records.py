@@ -1,0 +1,71 @@
+"""The records of a run: one row per configuration, written atomically as soon as it is measured.
+
+A run is a folder holding `records.csv`. Every append rewrites the file through a temporary file
+and an atomic rename, so an interrupted sweep leaves the rows it finished and never a torn file;
+`done_keys` lets the next run of the same command skip them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from methods.errors import TokenBenchError
+
+RECORDS_FILE = "records.csv"
+
+
+def write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:
+    """Write `frame` to `path` so that readers see the old file or the new one, never a part."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            frame.to_csv(stream, index=False)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class RunStore:
+    """The rows of one run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / RECORDS_FILE
+        self._rows: list[dict[str, Any]] = read_records(self.run_dir).to_dict("records") if self.path.exists() else []
+
+    @staticmethod
+    def prepare(run_dir: str | Path) -> RunStore:
+        """Create the run folder if needed and check it is writable before anything is measured."""
+        folder = Path(run_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True)
+            probe.close()
+        except OSError as error:
+            raise TokenBenchError(f"cannot write to output folder {folder}: {error.strerror}") from None
+        return RunStore(folder)
+
+    def done_keys(self) -> set[str]:
+        return {row["config_key"] for row in self._rows}
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        write_csv_atomically(pd.DataFrame(self._rows), self.path)
+
+
+def read_records(run: str | Path) -> pd.DataFrame:
+    """The records of a run folder (or of a records CSV given directly)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / RECORDS_FILE
+    if not path.is_file():
+        raise TokenBenchError(f"no records at {path}: run `bench run --out {Path(run)}` first")
+    return pd.read_csv(path)
