@@ -192,3 +192,34 @@ def test_unwritable_output_folder(tmp_path):
     blocker.write_text("not a folder")
     result = CliRunner().invoke(cli, ["run", *FAST, "--methods", "evit", "--out", str(blocker / "run")])
     assert result.exit_code == 2 and "cannot write to output folder" in result.output
+
+
+def test_viz_draws_one_figure_per_image_and_method(tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200), "teal").save(photo)
+    args = ["viz", str(photo), "--model", "deit_tiny_patch16_224", "--methods", "evit,prune", "--out", str(tmp_path)]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    for method in ("evit", "prune"):
+        assert (tmp_path / f"wide_{method}.png").stat().st_size > 1000
+
+
+def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
+    result = invoke("viz", "--model", "deit_tiny_patch16_224", "--methods", "prune", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grace_hopper_prune.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["/no/such/photo.jpg"], "/no/such/photo.jpg"),
+        (["--methods", "tome"], "unknown method tome"),
+        (["--keep-rate", "2"], "keep"),
+    ],
+)
+def test_viz_bad_input(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["viz", "--model", "deit_tiny_patch16_224", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
