@@ -173,7 +173,7 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     preflight(sweep)
     distributed = init_from_env()
     store = RunStore.prepare(out) if is_main_process() else None
-    rows = sum(1 for _ in run_sweep(sweep, store, device, progress=not quiet and is_main_process()))
+    rows = sum(1 for _ in run_sweep(sweep, store, progress=not quiet and is_main_process()))
     if store is not None:
         click.echo(f"{rows} new rows in {store.path} ({len(store.done_keys())} in all)")
         click.echo(write_report(out))

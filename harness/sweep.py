@@ -85,7 +85,7 @@ class SweepConfig:
         """The grid: the reference once per resolution, first, then every method and keep rate."""
         grid = []
         for resolution in self.resolutions:
-            grid.append(Job(REFERENCE, 1.0, resolution, dict(self.method_args.get(REFERENCE, {}))))
+            grid.append(self.reference_job(resolution))
             for name in self.methods:
                 if name == REFERENCE:
                     continue
@@ -93,16 +93,19 @@ class SweepConfig:
                     grid.append(Job(name, keep_rate, resolution, dict(self.method_args.get(name, {}))))
         return grid
 
+    def reference_job(self, resolution: int) -> Job:
+        return Job(REFERENCE, 1.0, resolution, dict(self.method_args.get(REFERENCE, {})))
+
     def checkpoint_for(self, method: str) -> str | None:
         """A method without its own checkpoint runs on the reference's weights (off the shelf)."""
         return self.checkpoints.get(method, self.checkpoints.get(REFERENCE))
 
-    def throughput_config(self, device: str) -> ThroughputConfig:
+    def throughput_config(self) -> ThroughputConfig:
         """Timing settings: those given, else the device's defaults (TIMING_DEFAULTS)."""
-        defaults = TIMING_DEFAULTS["cpu" if device == "cpu" else "cuda"]
+        defaults = TIMING_DEFAULTS["cpu" if self.device == "cpu" else "cuda"]
         timing = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
         return ThroughputConfig(
-            device=device, precision=self.precision, compile=self.compile, threads=self.threads, **timing
+            device=self.device, precision=self.precision, compile=self.compile, threads=self.threads, **timing
         )
 
 
@@ -121,7 +124,7 @@ class Job:
         return f"{self.method} keep={self.keep_rate:g} @{self.resolution}"
 
 
-def config_key(sweep: SweepConfig, job: Job, device: str) -> str:
+def config_key(sweep: SweepConfig, job: Job) -> str:
     """What identifies a finished row: the same key is not measured again when a run resumes."""
     return json.dumps(
         {
@@ -129,9 +132,9 @@ def config_key(sweep: SweepConfig, job: Job, device: str) -> str:
             "method": job.method,
             "options": config_options(job),
             "resolution": job.resolution,
-            "device": device,
+            "device": sweep.device,
             "precision": sweep.precision,
-            "batch_size": sweep.throughput_config(device).batch_size,
+            "batch_size": sweep.throughput_config().batch_size,
             "compile": sweep.compile,
             "data": sweep.data,
             "limit": sweep.limit,
@@ -142,6 +145,7 @@ def config_key(sweep: SweepConfig, job: Job, device: str) -> str:
 
 
 def build_model(sweep: SweepConfig, job: Job, device: str) -> nn.Module:
+    """The model of `job`, with its method applied and its checkpoint loaded, on `device`."""
     model = create_model(sweep.model, img_size=job.resolution)
     methods.apply(model, job.method, keep_rate=job.keep_rate, **job.options)
     checkpoint = sweep.checkpoint_for(job.method)
@@ -150,24 +154,24 @@ def build_model(sweep: SweepConfig, job: Job, device: str) -> nn.Module:
     return model.to(device).eval()
 
 
-def pending_jobs(sweep: SweepConfig, store: RunStore, device: str) -> list[Job]:
+def pending_jobs(sweep: SweepConfig, store: RunStore) -> list[Job]:
     done = store.done_keys()
-    return [job for job in sweep.jobs() if config_key(sweep, job, device) not in done]
+    return [job for job in sweep.jobs() if config_key(sweep, job) not in done]
 
 
 class Sweeper:
     """Measures the rows of one sweep, keeping per resolution the reference model and the dataset."""
 
-    def __init__(self, sweep: SweepConfig, device: str) -> None:
+    def __init__(self, sweep: SweepConfig) -> None:
         self.sweep = sweep
-        self.device = device
+        self.device = sweep.device
         self.references: dict[int, nn.Module] = {}
         self.datasets: dict[int, Any] = {}
-        self.provenance = provenance(device)
+        self.provenance = provenance(sweep.device)
 
     def reference(self, resolution: int) -> nn.Module:
         if resolution not in self.references:
-            self.references[resolution] = build_model(self.sweep, Job(REFERENCE, 1.0, resolution, {}), self.device)
+            self.references[resolution] = build_model(self.sweep, self.sweep.reference_job(resolution), self.device)
         return self.references[resolution]
 
     def dataset(self, model: nn.Module, resolution: int) -> Any:
@@ -180,7 +184,7 @@ class Sweeper:
 
     def throughput(self, model: nn.Module, reference: nn.Module, resolution: int) -> tuple[Any, Any]:
         """The model's throughput and the reference's, timed interleaved (A B A B) in this process."""
-        config = self.sweep.throughput_config(self.device)
+        config = self.sweep.throughput_config()
         if model is reference:
             result = measure_throughput(model, resolution, config)
             return result, result
@@ -234,23 +238,21 @@ def config_options(job: Job) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.make_config().config).items()}
 
 
-def run_sweep(
-    sweep: SweepConfig, store: RunStore | None, device: str, progress: bool = True
-) -> Iterator[dict[str, Any]]:
+def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True) -> Iterator[dict[str, Any]]:
     """Measure each configuration not yet in `store`, append its row, and yield it.
 
     `store` is None on the ranks of a distributed run that do not write (all ranks measure, so the
     accuracy all-reduce pairs up; only rank 0 keeps the rows).
     """
-    todo = pending_jobs(sweep, store, device) if store is not None else sweep.jobs()
+    todo = pending_jobs(sweep, store) if store is not None else sweep.jobs()
     if sweep.data is not None and not sweep.checkpoints:
         warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
-    sweeper = Sweeper(sweep, device)
+    sweeper = Sweeper(sweep)
     bar = tqdm(todo, unit="config", disable=not progress, dynamic_ncols=True)
     for job in bar:
         bar.set_postfix_str(job.label())
         row = sweeper.measure(job)
-        row["config_key"] = config_key(sweep, job, device)
+        row["config_key"] = config_key(sweep, job)
         if store is not None:
             store.append(row)
         yield row
@@ -263,4 +265,9 @@ def preflight(sweep: SweepConfig) -> None:
         create_model(sweep.model, img_size=resolution)
     resolution = sweep.resolutions[0]
     for name in dict.fromkeys((REFERENCE, *sweep.methods)):
-        build_model(sweep, Job(name, sweep.keep_rates[0], resolution, dict(sweep.method_args.get(name, {}))), "cpu")
+        job = (
+            sweep.reference_job(resolution)
+            if name == REFERENCE
+            else Job(name, sweep.keep_rates[0], resolution, dict(sweep.method_args.get(name, {})))
+        )
+        build_model(sweep, job, "cpu")
