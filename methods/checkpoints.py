@@ -7,7 +7,6 @@ fit (another model size, another method) raises TokenBenchError naming the keys 
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -16,13 +15,11 @@ from os import PathLike
 from pathlib import Path
 
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from methods.dynamicvit import PREDICTORS_ATTR, mark_predictors_trained
 from methods.errors import TokenBenchError
-from methods.timm_compat import require_vit
+from methods.timm_compat import require_vit, resample_pos_embed
 
 StateDict = dict[str, torch.Tensor]
 
@@ -180,19 +177,3 @@ def check_shapes(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch
             f"the checkpoint does not fit this model (another size?): {len(wrong)} tensors differ in shape, "
             f"checkpoint vs model: {shown}{more}"
         )
-
-
-def resample_pos_embed(model: VisionTransformer, state: StateDict) -> tuple[int, ...] | None:
-    """Resample the checkpoint's position embedding to the model's patch grid, in `state`; return the
-    old shape, or None when nothing was resampled (same shape, or no square grid to read it as)."""
-    old, new = state.get("pos_embed"), model.pos_embed
-    if old is None or new is None or old.shape == new.shape or old.ndim != 3 or old.shape[-1] != new.shape[-1]:
-        return None
-    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    side = math.isqrt(max(old.shape[1] - prefix, 0))
-    if side * side != old.shape[1] - prefix:
-        return None
-    state["pos_embed"] = resample_abs_pos_embed(
-        old, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix
-    )
-    return tuple(old.shape)

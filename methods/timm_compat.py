@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-from timm.layers import Attention
+from timm.layers import Attention, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -115,3 +116,19 @@ def take_tapped_qk(block: Block) -> tuple[torch.Tensor, torch.Tensor, float]:
     tapped = block.tapped_qk
     q_cls, k = tapped.pop("q_cls"), tapped.pop("k")
     return q_cls, k, block.attn.scale
+
+
+def resample_pos_embed(model: VisionTransformer, state: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """Resample the checkpoint's position embedding to the model's patch grid, in `state`; return the
+    old shape, or None when nothing was resampled (same shape, or no square grid to read it as)."""
+    old, new = state.get("pos_embed"), model.pos_embed
+    if old is None or new is None or old.shape == new.shape or old.ndim != 3 or old.shape[-1] != new.shape[-1]:
+        return None
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    side = math.isqrt(max(old.shape[1] - prefix, 0))
+    if side * side != old.shape[1] - prefix:
+        return None
+    state["pos_embed"] = resample_abs_pos_embed(
+        old, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix
+    )
+    return tuple(old.shape)
