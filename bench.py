@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,20 @@ def user_errors(command: Callable) -> Callable:
             raise click.UsageError(str(error)) from None
 
     return wrapper
+
+
+def show_each_warning_once() -> None:
+    """Print each distinct warning once per command. Python's own memory of shown warnings is cleared
+    whenever the filters change, which fvcore's tracing does for every MAC count of a sweep."""
+    shown: set[tuple[str, type]] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if (str(message), category) not in shown:
+            shown.add((str(message), category))
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_once
 
 
 def split_list(value: str, convert: Callable[[str], Any], what: str) -> tuple:
@@ -165,6 +180,7 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     from harness.sweep import SweepConfig, preflight, run_sweep
     from harness.throughput import resolve_device
 
+    show_each_warning_once()
     settings = read_sweep_file(config_file) if config_file else {}
     settings.update(cli_settings(options))
     out = settings.pop("out", None) or DEFAULT_OUT

@@ -147,8 +147,11 @@ def config_key(sweep: SweepConfig, job: Job) -> str:
 def build_model(sweep: SweepConfig, job: Job, device: str) -> nn.Module:
     """The model of `job`, with its method applied and its checkpoint loaded, on `device`."""
     model = create_model(sweep.model, img_size=job.resolution)
-    methods.apply(model, job.method, keep_rate=job.keep_rate, **job.options)
     checkpoint = sweep.checkpoint_for(job.method)
+    with warnings.catch_warnings():
+        if checkpoint is not None:  # what apply says of untrained weights, the checkpoint loaded next answers
+            warnings.simplefilter("ignore", UserWarning)
+        methods.apply(model, job.method, keep_rate=job.keep_rate, **job.options)
     if checkpoint is not None:
         methods.load_checkpoint(model, checkpoint)
     return model.to(device).eval()

@@ -223,3 +223,39 @@ def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
 def test_viz_bad_input(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["viz", "--model", "deit_tiny_patch16_224", "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_each_warning_is_shown_once_per_command(tmp_path):
+    """fvcore's tracing makes Python forget shown warnings; the CLI still shows each one once."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(tmp_path, "--methods", "dynamicvit", "--keep-rates", "0.5,0.7").exit_code == 0
+    assert len([w for w in caught if "predictors are untrained" in str(w.message)]) == 1
+
+
+def test_no_untrained_warning_when_a_dynamicvit_checkpoint_is_loaded(tmp_path):
+    import warnings
+
+    import timm
+    import torch
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights = methods.apply(model, "dynamicvit").state_dict()
+    torch.save({"model": weights}, tmp_path / "dynamicvit.pth")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = [
+            "--methods",
+            "dynamicvit",
+            "--keep-rates",
+            "0.7",
+            "--checkpoint",
+            f"dynamicvit={tmp_path}/dynamicvit.pth",
+        ]
+        result = run(tmp_path / "out", *args)
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "predictors are untrained" in str(w.message)]
