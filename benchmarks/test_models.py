@@ -5,6 +5,7 @@ import pytest
 import methods
 from benchmarks.conftest import IMG_SIZE, MODEL
 from harness.models import create_model
+from tests.test_evit import official_evit_logits
 
 
 @pytest.mark.parametrize("name", methods.list_methods())
@@ -13,3 +14,13 @@ def test_model_forward(benchmark, name, images, device, batch_size, measured):
     benchmark.group = f"model: {MODEL} at {IMG_SIZE}, batch {batch_size}, {device}"
     benchmark.extra_info.update(method=name, batch_size=batch_size, tokens=methods.token_counts(model, IMG_SIZE))
     benchmark(measured(lambda: model(images)))
+
+
+def test_official_style_evit_forward(benchmark, images, device, batch_size, measured):
+    """EViT as the official code computes it (the full N x N attention matrix, tests/test_evit.py),
+    beside `test_model_forward[evit]`: the same logits, so the comparison is of implementations."""
+    model = create_model(MODEL, IMG_SIZE).to(device).eval()
+    config = methods.lookup("evit").make_config()
+    benchmark.group = f"model: {MODEL} at {IMG_SIZE}, batch {batch_size}, {device}"
+    benchmark.extra_info.update(method="evit (official-style)", batch_size=batch_size)
+    benchmark(measured(lambda: official_evit_logits(model, images, config.keep_rate, config.locations, True)))

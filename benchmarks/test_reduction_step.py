@@ -84,10 +84,18 @@ def selecting_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], 
     return step
 
 
+def pruning_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], torch.Tensor]:
+    """DynamicViT's step as its patched block runs it: the predictor, top-k and gather, before the block."""
+    model = methods.apply(create_model(MODEL, IMG_SIZE), name, keep_rate=KEEP_RATE, locations=(LOCATION,))
+    block = model.to(device).eval().blocks[LOCATION]
+    return lambda: block.prune(inputs.x)
+
+
 # How to run each method's reduction step in isolation; a method missing here is skipped, by name.
 STEPS: dict[str, Callable[[str, BlockInputs, str], Callable[[], torch.Tensor]]] = {
     "evit": selecting_step,
     "prune": selecting_step,
+    "dynamicvit": pruning_step,
 }
 
 
