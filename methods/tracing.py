@@ -58,7 +58,10 @@ def report_selection(block: nn.Module, kept: torch.Tensor, others: str, appended
 
 
 def report_restore(block: nn.Module) -> None:
-    """`block` has put every patch token back in its original order (Evo-ViT's spatial structure)."""
+    """`block` has handed every patch token back (end of an Evo-ViT stage): the tracer's view returns
+    to the original patch order, and later reports index the patches in that order. A method that
+    hands them back permuted (Evo-ViT's released code) tracks its permutation and reports original
+    indices."""
     tracer = getattr(block, TRACER_ATTR, None)
     if tracer is not None:
         tracer.restore()
