@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -99,8 +100,8 @@ class PruningBlock(Block):
     predictor: ScorePredictor  # a plain reference: the module is registered in model.score_predictor
     patch_count: PatchCount
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        return super().forward(self.prune(x), attn_mask=attn_mask, is_causal=is_causal)
+    def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
+        return super().forward(self.prune(x), **block_kwargs)
 
     def prune(self, x: torch.Tensor) -> torch.Tensor:
         prefix, patches = split_prefix(x, self.prefix)  # [B, P, C], [B, M, C]

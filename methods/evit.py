@@ -9,6 +9,7 @@ attention, into one token appended last, which competes in the next selection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -38,8 +39,9 @@ class SelectingBlock(Block):
     fuse: bool
     prefix: int
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
+        """`block_kwargs`: what this timm version's Block passes to its attention (attn_mask, ...)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **block_kwargs)))
         x = self.select_tokens(x)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 

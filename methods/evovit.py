@@ -23,6 +23,7 @@ official  the released DeiT code: frozen, written back after the kept tokens at 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -128,10 +129,10 @@ class EvoBlock(Block):
     starts: bool  # the block before the first location: g starts from its attention
     closes: bool
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
         if self.opens:
             x = self.open_stage(x)
-        x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = super().forward(x, **block_kwargs)
         if self.tracks:
             self.track_attention()
         if self.closes:
@@ -200,12 +201,10 @@ class MeanPoolHead(VisionTransformer):
     (norm, no fc_norm) and global_pool="avg" models (fc_norm, no norm), where Evo-ViT's weights map.
     """
 
-    def forward_features(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))  # [B, N, C]
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = block(x, **block_kwargs)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from timm.layers import Attention, resample_abs_pos_embed
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from methods.errors import TokenBenchError
