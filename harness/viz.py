@@ -36,10 +36,10 @@ TINTS = {
     "fast path": (0.12, 0.47, 0.71),
     "frozen": (0.58, 0.4, 0.74),
 }
-# Tokens a stage appends after the kept ones, by what happens to the others (EViT's fused token).
-APPENDED = {"fused": 1}
+# What the tokens a method makes are called, by what happens to the patches it does not keep.
+MADE = {"fused": "fused", "fast path": "representative"}
 TINT_WEIGHT = 0.65
-COUNTED = "tokens = patches kept as themselves + tokens the method made (fused); class token not counted"
+COUNTED = "tokens = patches kept as themselves + tokens the method made; class token not counted"
 
 
 def default_image() -> Path:
@@ -63,12 +63,12 @@ def stage_tokens(stage: Stage, sample: int = 0) -> tuple[int, int]:
     """(patches kept as themselves, tokens made by the method) after `stage`, class token excluded."""
     kept = stage.kept[sample]
     patches = int((kept >= 0).sum())
-    return patches, len(kept) - patches + APPENDED.get(stage.others, 0)
+    return patches, len(kept) - patches + stage.appended
 
 
 def stage_title(stage: Stage, sample: int = 0) -> str:
     patches, made = stage_tokens(stage, sample)
-    detail = f"{patches} patches + {made} fused" if made else f"{patches} patches"
+    detail = f"{patches} patches + {made} {MADE.get(stage.others, 'made')}" if made else f"{patches} patches"
     return f"block {stage.block}: {patches + made} tokens\n({detail})"
 
 

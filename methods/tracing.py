@@ -21,12 +21,15 @@ TRACER_ATTR = "selection_tracer"
 
 @dataclass(frozen=True)
 class Stage:
-    """One reduction: at `block`, the original patch indices `kept` ([B, k], in sequence order) go on
-    as themselves; the other patches are `others` ("dropped", "fused" or "fast path")."""
+    """One reduction: at `block`, the original patch indices `kept` ([B, k], in sequence order; -1 for a
+    token an earlier stage made) go on as themselves; the other patches are `others` ("dropped",
+    "fused", "fast path" or "frozen"); the method appends `appended` tokens of its own after them
+    (EViT's fused token, Evo-ViT's representative token)."""
 
     block: int
     kept: torch.Tensor
     others: str
+    appended: int = 0
 
 
 class SelectionTracer:
@@ -41,7 +44,8 @@ class SelectionTracer:
 
     def select(self, block: nn.Module, kept: torch.Tensor, others: str, appended: int) -> None:
         kept_positions = self.positions.gather(1, kept)  # [B, k]
-        self.stages.append(Stage(block=self.block_index[id(block)], kept=kept_positions.cpu(), others=others))
+        index = self.block_index[id(block)]
+        self.stages.append(Stage(block=index, kept=kept_positions.cpu(), others=others, appended=appended))
         made = kept_positions.new_full((kept.shape[0], appended), -1)
         self.positions = torch.cat([kept_positions, made], dim=1)
 

@@ -73,3 +73,10 @@ def test_tracing_leaves_no_trace_on_the_model():
     model = methods.apply(forced_vit({1: [0, 1]}), "prune", keep_rate=0.5, locations=(1,))
     methods.kept_patches(model, torch.zeros(1, 3, 64, 64))
     assert not any(hasattr(block, "selection_tracer") for block in model.blocks)
+
+
+@pytest.mark.parametrize("name,appended", [("evit", 1), ("prune", 0)])
+def test_stages_say_how_many_tokens_the_method_appends(name, appended):
+    model = methods.apply(forced_vit({1: [0, 1]}), name, keep_rate=0.5, locations=(1, 2))
+    stages = methods.kept_patches(model, torch.zeros(1, 3, 64, 64))
+    assert [stage.appended for stage in stages] == [appended, appended]

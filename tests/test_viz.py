@@ -18,18 +18,22 @@ def test_stage_masks_by_hand():
 
 
 def test_titles_count_kept_patches_and_made_tokens():
-    fused = Stage(block=6, kept=torch.tensor([[5, 0, -1]]), others="fused")  # a kept fused token, and a new one
+    fused = Stage(
+        block=6, kept=torch.tensor([[5, 0, -1]]), others="fused", appended=1
+    )  # a kept fused token + a new one
     assert viz.stage_tokens(fused) == (2, 2)
     assert viz.stage_title(fused).startswith("block 6: 4 tokens")
     dropped = Stage(block=3, kept=torch.tensor([[1, 2, 3]]), others="dropped")
     assert viz.stage_tokens(dropped) == (3, 0)
+    slow = Stage(block=4, kept=torch.tensor([[1, 2, 3]]), others="fast path", appended=1)
+    assert viz.stage_title(slow) == "block 4: 4 tokens\n(3 patches + 1 representative)"
 
 
 def test_figure_has_the_input_then_one_panel_per_stage():
     picture = np.random.default_rng(0).random((32, 64, 3))
     stages = [
-        Stage(block=3, kept=torch.tensor([[0, 1, 2, 3]]), others="fused"),
-        Stage(block=6, kept=torch.tensor([[2, 0]]), others="fused"),
+        Stage(block=3, kept=torch.tensor([[0, 1, 2, 3]]), others="fused", appended=1),
+        Stage(block=6, kept=torch.tensor([[2, 0]]), others="fused", appended=1),
     ]
     figure = viz.stage_figure(picture, stages, patch=(16, 16), title="t")
     assert len(figure.axes) == 3
