@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.records import read_records, write_csv_atomically
+from harness.records import REFERENCE, read_records, write_csv_atomically
 from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
@@ -41,7 +41,7 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
     expected = pd.read_csv(baseline)
     measured = read_records(run)
     merged = expected.merge(measured[BASELINE_COLUMNS], on=[*KEY, "keep_rate"], how="left", suffixes=("", "_run"))
-    merged = merged[merged["method"] != "vanilla"]
+    merged = merged[merged["method"] != REFERENCE]
     regressions, missing = [], []
     for _, row in merged.iterrows():
         if pd.isna(row["speedup_run"]):

@@ -12,9 +12,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.records import read_records  # noqa: E402
+from harness.records import REFERENCE, read_records  # noqa: E402
 
-REFERENCE = "vanilla"
 LABELS = {"img_per_s": "throughput (img/s)", "gmacs": "GMACs", "top1": "top-1 (%)", "keep_rate": "keep rate"}
 # (x, y, whether larger x is better): the papers' trade-offs with accuracy, else cost against keep rate.
 WITH_ACCURACY = [("img_per_s", "top1", True), ("gmacs", "top1", False)]

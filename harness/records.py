@@ -17,6 +17,7 @@ import pandas as pd
 from methods.errors import TokenBenchError
 
 RECORDS_FILE = "records.csv"
+REFERENCE = "vanilla"  # the method every row is compared with, measured once per resolution
 
 
 def write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:

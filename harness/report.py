@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.records import read_records, write_csv_atomically
+from harness.records import REFERENCE, read_records, write_csv_atomically
 from methods.errors import TokenBenchError
 
-REFERENCE = "vanilla"
 COLUMNS = [
     "resolution",
     "method",

@@ -18,12 +18,11 @@ from harness.data import eval_transform, load_imagenet_folder
 from harness.macs import count_macs
 from harness.models import create_model
 from harness.provenance import provenance
-from harness.records import RunStore
-from harness.throughput import PRECISIONS, ThroughputConfig, measure_interleaved, measure_throughput
+from harness.records import REFERENCE, RunStore
+from harness.throughput import ThroughputConfig, measure_interleaved, measure_throughput
 from methods.config import check_keep_rate
 from methods.errors import TokenBenchError
 
-REFERENCE = "vanilla"
 # Where a sweep does not say: on CPU a short protocol, so the default sweep takes minutes (the
 # speedups are still interleaved ratios); on GPU timm's benchmark habits and a searched batch.
 TIMING_DEFAULTS = {
@@ -67,12 +66,9 @@ class SweepConfig:
             raise TokenBenchError("a sweep needs at least one method, keep rate and resolution")
         if any(not isinstance(r, int) or r <= 0 for r in self.resolutions):
             raise TokenBenchError(f"resolutions must be positive ints, got {self.resolutions}")
-        if self.precision not in PRECISIONS:
-            raise TokenBenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        counts = ("batch_size", "limit", "threads", "iters", "windows")
-        for name, value in [(name, getattr(self, name)) for name in counts]:
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise TokenBenchError(f"{name} must be a positive int, got {value!r}")
+        self.throughput_config()  # device, precision (no fp16 on CPU), batch, timing counts, threads
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
+            raise TokenBenchError(f"limit must be a positive int, got {self.limit!r}")
         for name, path in self.checkpoints.items():
             if not Path(path).is_file():
                 raise TokenBenchError(f"checkpoint for {name} not found: {path}")

@@ -176,6 +176,7 @@ def test_yaml_sweep_file_with_options_overriding_it(tmp_path):
         (["--checkpoint", "evit"], "METHOD=PATH"),
         (["--data", "/no/such/folder"], "data folder not found"),
         (["--precision", "fp64"], "fp64"),
+        (["--precision", "fp16"], "precision fp16 does not run on CPU; allowed on CPU: fp32, bf16"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, args, message):
