@@ -146,7 +146,7 @@ def method_model(
         warnings.warn(
             f"{method}: no checkpoint, so {model_name} has random weights and the kept patches mean nothing",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
     else:
         methods.load_checkpoint(model, checkpoint)

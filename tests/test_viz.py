@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import methods
 from harness import viz
 from methods import Stage, TokenBenchError
 
@@ -46,7 +47,8 @@ def test_figure_has_the_input_then_one_panel_per_stage():
 def test_non_square_image_is_drawn_as_the_model_sees_it(tmp_path):
     photo = tmp_path / "wide.png"
     Image.new("RGB", (300, 200), (10, 200, 30)).save(photo)
-    model = viz.method_model("deit_tiny_patch16_224", "prune", 0.7, None, 224)
+    with pytest.warns(UserWarning, match="random weights"):
+        model = viz.method_model("deit_tiny_patch16_224", "prune", 0.7, None, 224)
     tensor, picture = viz.preprocess(model, photo)
     assert tensor.shape == (1, 3, 224, 224) and picture.shape == (224, 224, 3)
     assert np.allclose(picture[100, 100], np.array([10, 200, 30]) / 255, atol=0.02)  # un-normalised for display
@@ -54,8 +56,26 @@ def test_non_square_image_is_drawn_as_the_model_sees_it(tmp_path):
 
 def test_visualise_writes_a_figure_per_image_and_method_and_warns_on_random_weights(tmp_path):
     with pytest.warns(UserWarning, match="random weights"):
-        paths = viz.visualise(None, ["evit"], 0.7, model_name="deit_tiny_patch16_224", out_dir=tmp_path)
-    assert paths == [tmp_path / "grace_hopper_evit.png"] and paths[0].stat().st_size > 1000
+        paths = viz.visualise(None, ["evit", "prune"], 0.7, model_name="deit_tiny_patch16_224", out_dir=tmp_path)
+    assert paths == [tmp_path / "grace_hopper_evit.png", tmp_path / "grace_hopper_prune.png"]
+    for path in paths:
+        with Image.open(path) as figure:
+            assert figure.format == "PNG" and figure.width > figure.height
+
+
+@pytest.mark.parametrize("name", ["evit", "prune"])
+def test_masks_and_titles_agree_with_the_measured_token_counts(deit_tiny, name):
+    """Kept patches in each mask, plus the tokens the method made, are the tokens the next FFN processes."""
+    methods.apply(deit_tiny, name, keep_rate=0.7)
+    stages = methods.kept_patches(deit_tiny, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)))
+    counts = methods.token_counts(deit_tiny, 224)
+    assert [stage.block for stage in stages] == [3, 6, 9]
+    for stage, mask in zip(stages, viz.stage_masks(stages, grid=(14, 14))):
+        patches, made = viz.stage_tokens(stage)
+        assert int((mask == viz.KEPT).sum()) == patches
+        assert set(np.unique(mask)) <= {viz.KEPT, viz.CODES[stage.others]}
+        assert patches + made == counts[stage.block] - 1  # the class token is not counted
+    assert viz.stage_tokens(stages[0])[0] == 138  # ceil(0.7 * 196) patches kept at the first stage
 
 
 @pytest.mark.parametrize(
