@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
 
 from methods.config import ReductionConfig
 from methods.errors import TokenBenchError
@@ -193,23 +195,37 @@ class EvoBlock(Block):
         return torch.cat([prefix, gather_tokens(torch.cat([kept, held], dim=1), back)], dim=1)
 
 
+class DeferredLayerNorm(nn.LayerNorm):
+    """The final norm moved from the tokens to the pooled feature: timm's forward_features passes the
+    tokens through it unchanged, and the head normalises the mean. Its weights keep their names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class MeanPoolHead(VisionTransformer):
     """VisionTransformer with the released Evo-ViT head: mean of the patch tokens, final norm, classifier.
 
-    LayerNorm does not commute with the mean, so forward_features stops before the final norm and the
-    head applies it to the pooled feature. `fc_norm(norm(.))` fits both timm layouts: stock DeiT
-    (norm, no fc_norm) and global_pool="avg" models (fc_norm, no norm), where Evo-ViT's weights map.
+    LayerNorm does not commute with the mean, so the final norm is deferred to the pooled feature.
+    `fc_norm(norm(.))` fits both timm layouts: stock DeiT (norm, no fc_norm) and global_pool="avg"
+    models (fc_norm, an Identity norm), where Evo-ViT's weights map.
     """
 
-    def forward_features(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))  # [B, N, C]
-        for block in self.blocks:
-            x = block(x, **block_kwargs)
-        return x
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.fc_norm(self.norm(x[:, self.num_prefix_tokens :].mean(dim=1))))  # [B, C]
+        x = x[:, self.num_prefix_tokens :].mean(dim=1)  # [B, C]
+        if isinstance(self.norm, DeferredLayerNorm):
+            x = self.norm.normalise(x)
+        x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
+
+
+def use_mean_pool_head(model: VisionTransformer) -> None:
+    if isinstance(model.norm, nn.LayerNorm):
+        model.norm.__class__ = DeferredLayerNorm
+    model.__class__ = MeanPoolHead
 
 
 def check_patchable(model: VisionTransformer, config: EvoViTConfig, blocks: list[int]) -> None:
@@ -222,6 +238,11 @@ def check_patchable(model: VisionTransformer, config: EvoViTConfig, blocks: list
     if config.pooling == "mean" and type(model) is not VisionTransformer:
         raise TokenBenchError(
             f"head 'mean' replaces the head of a plain VisionTransformer, not of {type(model).__name__}; use head='cls'"
+        )
+    if config.pooling == "mean" and not isinstance(model.norm, (nn.LayerNorm, nn.Identity)):
+        raise TokenBenchError(
+            f"head 'mean' moves a LayerNorm (or no norm) after the pooling, not {type(model.norm).__name__}; "
+            f"use head='cls'"
         )
 
 
@@ -254,4 +275,4 @@ def apply_evovit(model: VisionTransformer, config: EvoViTConfig) -> None:
         if block.tracks:
             tap_query_key(block)
     if config.pooling == "mean":
-        model.__class__ = MeanPoolHead
+        use_mean_pool_head(model)

@@ -201,14 +201,16 @@ def test_viz_draws_one_figure_per_image_and_method(tmp_path):
     photo = tmp_path / "wide.png"
     Image.new("RGB", (300, 200), "teal").save(photo)
     args = ["viz", str(photo), "--model", "deit_tiny_patch16_224", "--methods", "evit,prune", "--out", str(tmp_path)]
-    result = invoke(*args)
+    with pytest.warns(UserWarning, match="random weights"):
+        result = invoke(*args)
     assert result.exit_code == 0, result.output
     for method in ("evit", "prune"):
         assert (tmp_path / f"wide_{method}.png").stat().st_size > 1000
 
 
 def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
-    result = invoke("viz", "--model", "deit_tiny_patch16_224", "--methods", "prune", "--out", str(tmp_path))
+    with pytest.warns(UserWarning, match="random weights"):
+        result = invoke("viz", "--model", "deit_tiny_patch16_224", "--methods", "prune", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grace_hopper_prune.png").is_file()
 

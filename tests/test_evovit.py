@@ -279,6 +279,22 @@ def test_official_head_keeps_weights_and_keys(deit_tiny):
     assert all(torch.equal(after[key], value) for key, value in before.items())
 
 
+def test_mean_head_on_an_average_pool_model_is_its_own_head():
+    """timm's global_pool="avg" head is fc_norm(mean of the patch tokens), with no final norm before it."""
+    model = tiny_vit(global_pool="avg", fc_norm=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        got = methods.apply(model, "evo-vit", keep_rate=1.0, locations=(2,), variant="official")(images)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_mean_head_needs_a_layer_norm():
+    model = tiny_vit(norm_layer=timm.layers.RmsNorm)
+    with pytest.raises(TokenBenchError, match="moves a LayerNorm .* not RmsNorm; use head='cls'"):
+        methods.apply(model, "evo-vit", locations=(2,), variant="official")
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
