@@ -91,11 +91,29 @@ def pruning_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], to
     return lambda: block.prune(inputs.x)
 
 
+def evolving_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], torch.Tensor]:
+    """Evo-ViT's step as its blocks run it: open a stage before the block (full sort of g, gather,
+    the representative token) and close it after the last one (fast path, original order restored).
+    It returns the tokens the stage's blocks see."""
+    model = methods.apply(create_model(MODEL, IMG_SIZE), name, keep_rate=KEEP_RATE, locations=(LOCATION,))
+    blocks = model.to(device).eval().blocks
+    opening, closing = blocks[LOCATION], blocks[-1]
+
+    def step() -> torch.Tensor:
+        opening.state.begin(inputs.scores)  # g as the block before would leave it (the head sum ranks alike)
+        opened = opening.open_stage(inputs.x)
+        closing.close_stage(opened)
+        return opened
+
+    return step
+
+
 # How to run each method's reduction step in isolation; a method missing here is skipped, by name.
 STEPS: dict[str, Callable[[str, BlockInputs, str], Callable[[], torch.Tensor]]] = {
     "evit": selecting_step,
     "prune": selecting_step,
     "dynamicvit": pruning_step,
+    "evo-vit": evolving_step,
 }
 
 
