@@ -19,7 +19,8 @@ from torch import nn
 
 from methods.dynamicvit import PREDICTORS_ATTR, mark_predictors_trained
 from methods.errors import TokenBenchError
-from methods.timm_compat import require_vit, resample_pos_embed
+from methods.evovit import MeanPoolHead
+from methods.timm_compat import pools_patch_mean, require_vit, resample_pos_embed
 
 StateDict = dict[str, torch.Tensor]
 
@@ -62,6 +63,7 @@ def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping) -> Loade
     dropped: tuple[str, ...] = ()
     expected = vit.state_dict()
     if fmt == "evo-vit":
+        check_mean_pool_head(vit)
         state, dropped = from_evo_vit(state, final_norm="norm" if "norm.weight" in expected else "fc_norm")
     check_keys(vit, expected, state, fmt)
     pos_embed_from = resample_pos_embed(vit, state)
@@ -142,6 +144,16 @@ def from_evo_vit(state: Mapping[str, torch.Tensor], final_norm: str) -> tuple[St
                 key = re.sub(pattern, replacement, key, count=1)
             out[key] = value
     return out, tuple(dropped)
+
+
+def check_mean_pool_head(model: nn.Module) -> None:
+    """Evo-ViT's classifier was trained on the mean of the patch tokens: on the class token it would
+    load without complaint and give meaningless predictions."""
+    if not (isinstance(model, MeanPoolHead) or pools_patch_mean(model)):
+        raise TokenBenchError(
+            "an Evo-ViT checkpoint's classifier reads the mean of the patch tokens, but this model classifies "
+            "its class token; apply evo-vit with variant='official' or head='mean' before loading it"
+        )
 
 
 def check_keys(model: nn.Module, expected: Mapping[str, torch.Tensor], state: Mapping, fmt: str) -> None:

@@ -84,6 +84,11 @@ def check_image_size(model: nn.Module, img_size: int | Sequence[int]) -> tuple[i
     return size
 
 
+def pools_patch_mean(model: VisionTransformer) -> bool:
+    """Whether timm's own head classifies the mean of the patch tokens (global_pool="avg")."""
+    return model.global_pool == "avg"
+
+
 def mark_applied(model: nn.Module, applied: object) -> None:
     setattr(model, APPLIED_ATTR, applied)
 

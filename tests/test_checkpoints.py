@@ -125,14 +125,21 @@ def to_official_evo_vit(state, blocks, embed_dim, norm="norm"):
     return out
 
 
+def evo_vit_mean_head():
+    """A stock model with Evo-ViT's released head (mean of the patch tokens, final norm, classifier)."""
+    return methods.apply(tiny_vit(), "evo-vit", keep_rate=1.0, locations=(2,), variant="official")
+
+
 @pytest.mark.parametrize(
-    "kwargs,norm", [(dict(), "norm"), (dict(global_pool="avg", fc_norm=True), "fc_norm")], ids=["cls", "avg"]
+    "make,norm",
+    [(evo_vit_mean_head, "norm"), (lambda: tiny_vit(global_pool="avg", fc_norm=True), "fc_norm")],
+    ids=["evo-vit-head", "avg"],
 )
-def test_evo_vit_layout(kwargs, norm):
-    source = redrawn(tiny_vit(**kwargs), 1)
+def test_evo_vit_layout(make, norm):
+    source = redrawn(make(), 1)
     checkpoint = {"model": to_official_evo_vit(source.state_dict(), 4, 64, norm)}
     assert not any(".attn." in key or ".norm1." in key for key in checkpoint["model"])
-    model = redrawn(tiny_vit(**kwargs), 2)
+    model = redrawn(make(), 2)
     loaded = load_checkpoint(model, checkpoint)
     assert loaded.format == "evo-vit"
     assert sorted(loaded.dropped) == ["head_cls.bias", "head_cls.weight", "norm_cls.bias", "norm_cls.weight"]
@@ -140,11 +147,17 @@ def test_evo_vit_layout(kwargs, norm):
 
 
 def test_evo_vit_without_a_v_names_the_keys():
-    source = tiny_vit()
-    checkpoint = to_official_evo_vit(source.state_dict(), 4, 64)
+    checkpoint = to_official_evo_vit(evo_vit_mean_head().state_dict(), 4, 64)
     del checkpoint["vs.2.v.weight"]
     with pytest.raises(TokenBenchError, match=r"1 missing keys \(blocks.2.attn.qkv.weight\), 1 unexpected keys"):
-        load_checkpoint(tiny_vit(), checkpoint)
+        load_checkpoint(evo_vit_mean_head(), checkpoint)
+
+
+@pytest.mark.parametrize("make", [tiny_vit, lambda: methods.apply(tiny_vit(), "evo-vit", locations=(2,))])
+def test_evo_vit_checkpoint_into_a_class_token_head_is_refused(make):
+    checkpoint = to_official_evo_vit(tiny_vit().state_dict(), 4, 64)
+    with pytest.raises(TokenBenchError, match="classifies its class token; apply evo-vit with variant='official'"):
+        load_checkpoint(make(), checkpoint)
 
 
 def interpolate_grid(pos_embed, prefix, old, new):
