@@ -47,29 +47,35 @@ def evaluate(
     loader = DataLoader(
         shard, batch_size=batch_size, num_workers=workers, collate_fn=collate_readable, pin_memory=device != "cpu"
     )
-    counts = torch.zeros(4, dtype=torch.long)  # correct top-1, correct top-5, images, skipped
+    counts = torch.zeros(5, dtype=torch.long)  # correct top-1, correct top-5, images, labels out of range, skipped
     with prepared_for_inference(model, device) as net, torch.inference_mode(), autocast(device, precision):
         for images, labels, skipped in loader:
-            counts[3] += skipped
+            counts[4] += skipped
             if images is not None:
-                counts[:3] += count_correct(net(images.to(device, non_blocking=True)), labels)
-    correct1, correct5, images, skipped = sum_across_ranks(counts).tolist()
+                counts[:4] += count_correct(net(images.to(device, non_blocking=True)), labels)
+    # Bad labels are counted, not raised on the spot: every rank must reach the all-reduce, then all raise.
+    correct1, correct5, images, out_of_range, skipped = sum_across_ranks(counts).tolist()
+    if out_of_range:
+        raise TokenBenchError(
+            f"{out_of_range} of {images} images have a label out of range: the model predicts "
+            f"{getattr(model, 'num_classes', 'fewer')} classes"
+        )
     if images == 0:
         raise TokenBenchError(f"no image could be evaluated: {skipped} unreadable, none readable")
     return AccuracyResult(top1=100 * correct1 / images, top5=100 * correct5 / images, images=images, skipped=skipped)
 
 
 def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[correct top-1, correct top-5, images] of one batch; top-5 is top-C for C < 5 classes.
+    """[correct top-1, correct top-5, images, labels out of range] of one batch; top-5 is top-C for C < 5
+    classes.
 
     logits: [B, C], labels: [B]
     """
     classes = logits.shape[-1]
-    if int(labels.max()) >= classes:
-        raise TokenBenchError(f"label {int(labels.max())} is out of range: the model predicts {classes} classes")
     top = logits.topk(min(5, classes), dim=-1).indices.cpu()  # [B, 5]
     hits = top == labels[:, None]  # [B, 5]
-    return torch.tensor([int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(labels)])
+    out_of_range = int(((labels < 0) | (labels >= classes)).sum())
+    return torch.tensor([int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(labels), out_of_range])
 
 
 def check_class_count(model: nn.Module, dataset: Dataset) -> None:

@@ -97,7 +97,7 @@ def test_a_label_beyond_the_model_classes(tmp_path, model):
     noise_tree(tmp_path / "val", corrupt=False)
     (tmp_path / "labels.csv").write_text("n00000000/img_0.JPEG,1\nn00000000/img_1.JPEG,6\n")
     dataset = load_imagenet_folder(tmp_path / "val", eval_transform(model, 64), labels_csv=tmp_path / "labels.csv")
-    with pytest.raises(TokenBenchError, match="label 6 is out of range: the model predicts 6 classes"):
+    with pytest.raises(TokenBenchError, match="1 of 2 images have a label out of range: the model predicts 6 classes"):
         evaluate(model, dataset)
 
 

@@ -43,8 +43,8 @@ def build(root):
     return model, Recording(load_imagenet_folder(root, eval_transform(model, 64)))
 
 
-def evaluate_on_rank(rank, port, root, out):
-    """One torchrun-like process: the environment torchrun would set, then the code under test."""
+def as_rank(rank, port, work, *args):
+    """One torchrun-like process: the environment torchrun would set, then `work(rank, *args)`."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
     )
@@ -52,12 +52,25 @@ def evaluate_on_rank(rank, port, root, out):
     torch.set_num_threads(1)
     assert init_from_env()
     try:
-        model, dataset = build(root)
-        result = evaluate(model, dataset, batch_size=4)
-        record = {"result": asdict(result), "seen": dataset.seen, "main": is_main_process()}
-        (out / f"rank{rank}.json").write_text(json.dumps(record))
+        work(rank, *args)
     finally:
         shutdown()
+
+
+def evaluate_and_record(rank, root, out):
+    model, dataset = build(root)
+    result = evaluate(model, dataset, batch_size=4)
+    record = {"result": asdict(result), "seen": dataset.seen, "main": is_main_process()}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def evaluate_and_record_the_error(rank, root, labels, out):
+    model = tiny_vit(num_classes=CLASSES)
+    dataset = load_imagenet_folder(root, eval_transform(model, 64), labels_csv=labels)
+    try:
+        evaluate(model, dataset, batch_size=4)
+    except TokenBenchError as error:
+        (out / f"rank{rank}.txt").write_text(str(error))
 
 
 def free_port():
@@ -66,8 +79,8 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def run_ranks(*args, timeout=120):
-    context = mp.start_processes(evaluate_on_rank, args=args, nprocs=WORLD, join=False, start_method=START)
+def run_ranks(work, *args, timeout=120):
+    context = mp.start_processes(as_rank, args=(free_port(), work, *args), nprocs=WORLD, join=False, start_method=START)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -81,7 +94,7 @@ def test_two_processes_count_every_image_once_and_agree_with_one(tmp_path):
     model, dataset = build(root)
     expected = evaluate(model, dataset, batch_size=4)
     assert len(dataset) == 25
-    run_ranks(free_port(), root, tmp_path)
+    run_ranks(evaluate_and_record, root, tmp_path)
     records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
     assert [record["main"] for record in records] == [True, False]
     for record in records:
@@ -89,6 +102,16 @@ def test_two_processes_count_every_image_once_and_agree_with_one(tmp_path):
     seen = [index for record in records for index in record["seen"]]
     assert sorted(seen) == list(range(25))  # each image loaded by exactly one rank
     assert [len(record["seen"]) for record in records] == [13, 12]
+
+
+def test_a_bad_label_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
+    """Rank 1 alone holds the bad label; raising there before the all-reduce would leave rank 0 waiting."""
+    root = noise_tree(tmp_path / "val", corrupt=False)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("n00000000/img_0.JPEG,1\nn00000000/img_1.JPEG,6\n")  # index 1 goes to rank 1
+    run_ranks(evaluate_and_record_the_error, root, labels, tmp_path)
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(WORLD)]
+    assert errors == ["1 of 2 images have a label out of range: the model predicts 6 classes"] * WORLD
 
 
 def test_single_process_without_torchrun(monkeypatch):
