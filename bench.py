@@ -174,7 +174,7 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     Vanilla is measured once per resolution as the reference; each method's speedup is timed
     interleaved with it. Rows are written as they are measured; rerunning resumes.
     """
-    from harness.distributed import init_from_env, is_main_process
+    from harness.distributed import check_device_for_ranks, init_from_env, is_main_process
     from harness.records import RunStore
     from harness.report import write_report
     from harness.sweep import SweepConfig, preflight, run_sweep
@@ -184,7 +184,9 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     settings = read_sweep_file(config_file) if config_file else {}
     settings.update(cli_settings(options))
     out = settings.pop("out", None) or DEFAULT_OUT
-    device = resolve_device(settings.pop("device", None) or "auto")
+    device = settings.pop("device", None) or "auto"
+    check_device_for_ranks(device)
+    device = resolve_device(device)
     sweep = SweepConfig(device=device, **settings)
     preflight(sweep)
     distributed = init_from_env()

@@ -7,6 +7,8 @@ collective works whichever device the caller evaluates on; each process uses GPU
 from __future__ import annotations
 
 import os
+import re
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from methods.errors import TokenBenchError
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+T = TypeVar("T")
 
 
 def env_int(name: str, default: int) -> int:
@@ -22,6 +25,15 @@ def env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise TokenBenchError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def check_device_for_ranks(device: str) -> None:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK: a fixed cuda:N would put them all on one."""
+    if env_int("WORLD_SIZE", 1) > 1 and re.fullmatch(r"cuda:\d+", device):
+        raise TokenBenchError(
+            f"device {device} under torchrun would put every process on one GPU; give cuda or auto: "
+            f"each process uses the GPU of its LOCAL_RANK"
+        )
 
 
 def init_from_env() -> bool:
@@ -66,6 +78,15 @@ def shard_indices(length: int) -> range:
     if not is_distributed():
         return range(length)
     return range(dist.get_rank(), length, dist.get_world_size())
+
+
+def from_main_process(value: T) -> T:
+    """Rank 0's `value` on every process (picklable values; `value` itself when not distributed)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 import methods
 from harness.accuracy import evaluate
 from harness.data import eval_transform, load_imagenet_folder
+from harness.distributed import from_main_process
 from harness.macs import count_macs
 from harness.models import create_model
 from harness.provenance import provenance
@@ -240,10 +241,10 @@ def config_options(job: Job) -> dict[str, Any]:
 def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True) -> Iterator[dict[str, Any]]:
     """Measure each configuration not yet in `store`, append its row, and yield it.
 
-    `store` is None on the ranks of a distributed run that do not write (all ranks measure, so the
-    accuracy all-reduce pairs up; only rank 0 keeps the rows).
+    `store` is None on the ranks of a distributed run that do not write. Every rank measures rank 0's
+    list of pending jobs, so that their accuracy all-reduces pair up; only rank 0 keeps the rows.
     """
-    todo = pending_jobs(sweep, store) if store is not None else sweep.jobs()
+    todo = from_main_process(pending_jobs(sweep, store) if store is not None else sweep.jobs())
     if sweep.data is not None and not sweep.checkpoints:
         warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
     sweeper = Sweeper(sweep)

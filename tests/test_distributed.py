@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 from harness.accuracy import evaluate
 from harness.data import eval_transform, load_imagenet_folder
 from harness.distributed import init_from_env, is_main_process, shard_indices, shutdown
+from harness.records import RunStore, read_records
+from harness.sweep import SweepConfig, run_sweep
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 from tests.test_accuracy import CLASSES, noise_tree
@@ -114,6 +116,46 @@ def test_a_bad_label_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
     assert errors == ["1 of 2 images have a label out of range: the model predicts 6 classes"] * WORLD
 
 
+def sweep_on(root, labels, keep_rates):
+    """evit on deit_tiny at 64x64 with accuracy on `root`: quick timing, the labels from a CSV."""
+    timing = dict(device="cpu", batch_size=2, warmup=0, iters=1, windows=1)
+    return SweepConfig(
+        model="deit_tiny_patch16_224",
+        methods=("evit",),
+        keep_rates=keep_rates,
+        resolutions=(64,),
+        data=str(root),
+        labels_csv=str(labels),
+        **timing,
+    )
+
+
+def sweep_and_record(rank, root, labels, out):
+    store = RunStore.prepare(out / "run") if is_main_process() else None
+    rows = list(run_sweep(sweep_on(root, labels, (0.5, 0.7)), store, progress=False))
+    (out / f"rank{rank}.json").write_text(json.dumps([f"{row['method']} {row['keep_rate']}" for row in rows]))
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_a_resumed_sweep_measures_the_same_pending_jobs_on_every_rank(tmp_path):
+    """Only rank 0 reads the finished rows; the other ranks must measure its pending list, or their
+    accuracy all-reduces pair with other jobs' (wrong top-1, then a hang)."""
+    root = noise_tree(tmp_path / "val")
+    labels = tmp_path / "labels.csv"
+    files = sorted(root.glob("*/*.JPEG"))
+    labels.write_text("".join(f"{path.relative_to(root)},{int(path.parent.name[1:])}\n" for path in files))
+    list(run_sweep(sweep_on(root, labels, (0.5,)), RunStore.prepare(tmp_path / "run"), progress=False))
+    alone = list(run_sweep(sweep_on(root, labels, (0.5, 0.7)), RunStore.prepare(tmp_path / "alone"), progress=False))
+    run_ranks(sweep_and_record, root, labels, tmp_path)
+    measured = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert measured == [["evit 0.7"]] * WORLD
+    resumed = read_records(tmp_path / "run").set_index(["method", "keep_rate"])
+    assert len(resumed) == 3
+    assert resumed.loc[("evit", 0.7), ["top1", "top5", "images", "skipped"]].tolist() == [
+        alone[-1][key] for key in ("top1", "top5", "images", "skipped")
+    ]
+
+
 def test_single_process_without_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not init_from_env()
@@ -127,6 +169,19 @@ def test_incomplete_torchrun_environment_is_a_clear_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(TokenBenchError, match="RANK, MASTER_ADDR, MASTER_PORT unset: start the processes with"):
         init_from_env()
+
+
+def test_a_numbered_gpu_under_torchrun_is_a_clear_error(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from bench import cli
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("device: cuda:0\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, ["run", "--config", str(config), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "device cuda:0 under torchrun would put every process on one GPU; give cuda or auto" in result.output
 
 
 def test_non_integer_world_size(monkeypatch):
