@@ -179,6 +179,9 @@ def measure_interleaved(
         settings = stack.enter_context(run_settings(device, config))
         runners = {name: stack.enter_context(prepared_for_inference(model, device)) for name, model in models.items()}
         if config.compile:
+            # Every ViT instance shares one forward code object, and each patched model adds guards to
+            # it: past torch's recompile limit later models would silently run eagerly. Start afresh.
+            torch.compiler.reset()
             runners = {name: torch.compile(model, dynamic=False) for name, model in runners.items()}
         batch, halvings, rates = time_with_backoff(runners, size, device, config)
     protocol = {
@@ -214,6 +217,8 @@ def time_with_backoff(
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first: its traceback holds the tensors to free
         gc.collect()
+        if config.compile:
+            torch.compiler.reset()  # the next batch size compiles anew; the old graphs only count against the limit
         if device != "cpu":
             torch.cuda.empty_cache()
         if batch == 1:

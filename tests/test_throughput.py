@@ -108,6 +108,45 @@ def test_out_of_memory_at_batch_one_is_a_clear_error():
     assert model.training
 
 
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """torch.compile with a backend that runs each graph as traced and records it, under a recompile
+    limit of 2 (the setting's name depends on the torch version)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(example_inputs)
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(model, backend=backend, **options))
+    limit = "recompile_limit" if "recompile_limit" in torch._dynamo.config.get_config_copy() else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 2}):
+        yield graphs
+
+
+def test_compile_compiles_every_model_of_a_sweep_however_many(compiled_graphs):
+    """Each patched model adds guards to ViT's shared forward; without a fresh start, models past the
+    recompile limit would be timed eagerly while the protocol says compiled."""
+    import methods
+
+    config = ThroughputConfig(**{**QUICK, "compile": True, "windows": 1, "iters": 1})
+    for keep_rate in (0.5, 0.6, 0.7, 0.8):
+        before = len(compiled_graphs)
+        measure_throughput(methods.apply(tiny_vit(), "evit", keep_rate=keep_rate, locations=(1, 2)), 64, config)
+        assert len(compiled_graphs) > before, f"keep rate {keep_rate} ran without compiling"
+
+
+def test_compile_after_halved_batches_still_compiles(compiled_graphs):
+    config = ThroughputConfig(**{**QUICK, "batch_size": 64, "compile": True, "windows": 1, "iters": 1})
+    result = measure_throughput(oom_above(tiny_vit(), 4), 64, config)
+    assert (result.batch_size, result.oom_halvings) == (4, 4)
+    batches = {inputs[0].shape[0] for inputs in compiled_graphs if isinstance(inputs[0], torch.Tensor)}
+    assert 4 in batches  # the batch that fitted ran compiled, after four attempts that did not
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
