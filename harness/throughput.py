@@ -30,6 +30,7 @@ CPU_PRECISIONS = ("fp32", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = "auto, cpu, cuda, cuda:N"
 CPU_BATCH = 32
+OUT_OF_MEMORY_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
 def check_precision(device: str, precision: str) -> None:
@@ -214,8 +215,10 @@ def time_with_backoff(
     while True:
         try:
             return batch, halvings, time_windows(runners, batch, size, device, config)
-        except torch.cuda.OutOfMemoryError:
-            pass  # leave the except block first: its traceback holds the tensors to free
+        except Exception as error:  # anything but running out of memory is raised again
+            if not is_out_of_memory(error):
+                raise
+            # leave the except block first: its traceback holds the tensors to free
         gc.collect()
         if config.compile:
             torch.compiler.reset()  # the next batch size compiles anew; the old graphs only count against the limit
@@ -225,6 +228,18 @@ def time_with_backoff(
             raise TokenBenchError(f"out of memory on {device_name(device)} ({device}) even at batch size 1")
         batch //= 2
         halvings += 1
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is the GPU running out of memory. cuBLAS and
+    cuDNN report their failed allocations as plain RuntimeErrors, and torch.compile wraps errors."""
+    while error is not None:
+        if isinstance(error, torch.cuda.OutOfMemoryError) or any(
+            marker in str(error) for marker in OUT_OF_MEMORY_MARKERS
+        ):
+            return True
+        error = error.__cause__
+    return False
 
 
 def time_windows(

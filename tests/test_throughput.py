@@ -77,20 +77,38 @@ def test_interleaved_gives_one_result_per_model_timed_in_turn():
     assert timed == ["a", "a", "b", "b"] * 3  # window by window: a's iters, then b's
 
 
-def oom_above(model, limit):
+def compiler_failure_from_oom():
+    try:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    except torch.cuda.OutOfMemoryError as oom:
+        raise RuntimeError("backend='inductor' raised: (simulated)") from oom
+
+
+OUT_OF_MEMORY = {
+    "oom": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"),
+    "cublas": lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+}
+
+
+def oom_above(model, limit, kind="oom"):
     forward = model.forward
 
     def guarded(x):
         if x.shape[0] > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            if kind == "compiler":
+                compiler_failure_from_oom()
+            raise OUT_OF_MEMORY[kind]()
         return forward(x)
 
     model.forward = guarded
     return model
 
 
-def test_out_of_memory_halves_the_batch_and_counts_it():
-    result = measure_throughput(oom_above(tiny_vit(), 4), 64, ThroughputConfig(**{**QUICK, "batch_size": 16}))
+@pytest.mark.parametrize("kind", ["oom", "cublas", "compiler"])
+def test_out_of_memory_halves_the_batch_and_counts_it(kind):
+    """torch's OOM error, cuBLAS's failed allocation, and an OOM wrapped by torch.compile all halve."""
+    model = oom_above(tiny_vit(), 4, kind)
+    result = measure_throughput(model, 64, ThroughputConfig(**{**QUICK, "batch_size": 16}))
     assert result.batch_size == 4 and result.oom_halvings == 2
     assert result.protocol["batch_size_requested"] == 16
 
@@ -99,6 +117,13 @@ def test_interleaved_models_share_the_batch_that_fits_all():
     models = {"small": oom_above(tiny_vit(), 8), "large": oom_above(tiny_vit(), 2)}
     results = measure_interleaved(models, 64, ThroughputConfig(**{**QUICK, "batch_size": 8}))
     assert {(r.batch_size, r.oom_halvings) for r in results.values()} == {(2, 2)}
+
+
+def test_other_errors_are_not_taken_for_out_of_memory():
+    model = tiny_vit()
+    model.forward = lambda x: torch.ones(2, 3) @ torch.ones(4, 5)  # a shape error
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        measure_throughput(model, 64, ThroughputConfig(**QUICK))
 
 
 def test_out_of_memory_at_batch_one_is_a_clear_error():
