@@ -17,6 +17,8 @@ COLUMNS = [
     "mac_reduction_pct",
     "img_per_s",
     "speedup",
+    "ideal_speedup",
+    "pct_of_ideal",
     "top1",
     "top1_delta",
     "top5",
@@ -27,7 +29,8 @@ def build_report(records: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, with MAC reduction and top-1 change against vanilla at its resolution.
 
     `speedup` is the ratio of medians measured interleaved with vanilla in the same run, which holds
-    on noisy machines where img/s across rows would not.
+    on noisy machines where img/s across rows would not. `ideal_speedup` is the MAC ratio, what the
+    method would gain if time followed MACs; `pct_of_ideal` says how much of it the method gets.
     """
     frames = []
     for resolution, group in records.groupby("resolution", sort=True):
@@ -37,6 +40,8 @@ def build_report(records: pd.DataFrame) -> pd.DataFrame:
         base = reference.iloc[0]
         frame = group.copy()
         frame["mac_reduction_pct"] = 100 * (1 - frame["gmacs"] / base["gmacs"])
+        frame["ideal_speedup"] = base["gmacs"] / frame["gmacs"]
+        frame["pct_of_ideal"] = 100 * frame["speedup"] / frame["ideal_speedup"]
         frame["top1_delta"] = frame["top1"] - base["top1"]
         frames.append(frame)
     report = pd.concat(frames, ignore_index=True)

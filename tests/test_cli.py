@@ -70,6 +70,9 @@ def test_report_compares_against_vanilla(small_run):
     prune = records[(records["method"] == "prune") & (records["keep_rate"] == 0.5)]["gmacs"].iloc[0]
     row = report[(report["method"] == "prune") & (report["keep_rate"] == 0.5)].iloc[0]
     assert row["mac_reduction_pct"] == pytest.approx(100 * (1 - prune / base))
+    assert row["ideal_speedup"] == pytest.approx(base / prune)
+    speedup = records[(records["method"] == "prune") & (records["keep_rate"] == 0.5)]["speedup"].iloc[0]
+    assert row["pct_of_ideal"] == pytest.approx(100 * speedup * prune / base)
     assert report.iloc[0]["method"] == "vanilla"
     assert "| prune" in (small_run / "report.md").read_text() and "64x64" in result.output
 
