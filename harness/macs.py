@@ -10,13 +10,17 @@ listed below as zero by convention, or makes the count fail, so no cost goes mis
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore scripts its focal loss at import, which torch now calls deprecated
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from methods.errors import TokenBenchError
 from methods.timm_compat import check_image_size
