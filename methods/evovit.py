@@ -19,10 +19,10 @@ official  the released DeiT code: frozen, written back after the kept tokens at 
           order of g (the spatial order is never restored). Head: the mean of the patch tokens,
           then the final norm, then the classifier.
 
-Where the paper leaves room, `paper` follows the released DeiT code: g starts at the block before the
-first location, int(keep_rate * n) patches are kept beside the representative token, and the head is
-the class token's. The released LeViT code, the only one with a representative token, differs: g is
-blended from the first layer, a stage keeps one patch fewer, and the head pools the mean.
+Where the paper leaves room, `paper` follows the released DeiT code (g starts at the block before the
+first location; int(keep_rate * n) patches are kept, here beside the representative token) and keeps
+the model's own class-token head. The released LeViT code, the only one with a representative token,
+blends g from the first layer and keeps one patch fewer; both released codes pool the mean (head="mean").
 """
 
 from __future__ import annotations
