@@ -4,7 +4,8 @@ Protocol: eval mode under torch.inference_mode(), autocast for fp16/bf16 (weight
 random batch created once on the device, `warmup` untimed iterations, then `windows` windows of
 `iters` iterations timed with time.perf_counter and bounded by torch.cuda.synchronize() on CUDA.
 The figure is the median over windows; min, max and IQR give its spread. A batch that runs out of
-GPU memory is halved and the measurement restarted; the halvings are recorded.
+GPU memory is halved and the measurement restarted; the halvings are recorded. With compile, torch's
+compile caches are reset for each measurement and each halved batch, so every model runs compiled.
 """
 
 from __future__ import annotations
@@ -230,15 +231,16 @@ def time_with_backoff(
         halvings += 1
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error`, or an error it was raised from, is the GPU running out of memory. cuBLAS and
-    cuDNN report their failed allocations as plain RuntimeErrors, and torch.compile wraps errors."""
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it wraps, is the GPU running out of memory. cuBLAS and cuDNN report
+    their failed allocations as plain RuntimeErrors; torch.compile raises its own error, keeping the
+    original as `inner_exception` (and dropping `__cause__`)."""
     while error is not None:
         if isinstance(error, torch.cuda.OutOfMemoryError) or any(
             marker in str(error) for marker in OUT_OF_MEMORY_MARKERS
         ):
             return True
-        error = error.__cause__
+        error = getattr(error, "inner_exception", None) or error.__cause__
     return False
 
 

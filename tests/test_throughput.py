@@ -78,10 +78,11 @@ def test_interleaved_gives_one_result_per_model_timed_in_turn():
 
 
 def compiler_failure_from_oom():
-    try:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-    except torch.cuda.OutOfMemoryError as oom:
-        raise RuntimeError("backend='inductor' raised: (simulated)") from oom
+    """What torch.compile raises when its backend runs out of memory: its own error, `from None`."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    oom = torch.cuda.OutOfMemoryError("out of device memory (simulated, worded unlike torch)")
+    raise BackendCompilerFailed(lambda: None, oom, None) from None
 
 
 OUT_OF_MEMORY = {
