@@ -174,7 +174,7 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     Vanilla is measured once per resolution as the reference; each method's speedup is timed
     interleaved with it. Rows are written as they are measured; rerunning resumes.
     """
-    from harness.distributed import check_device_for_ranks, init_from_env, is_main_process
+    from harness.distributed import check_device_for_ranks, init_from_env, is_main_process, shutdown
     from harness.records import RunStore
     from harness.report import write_report
     from harness.sweep import SweepConfig, preflight, run_sweep
@@ -189,16 +189,13 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     device = resolve_device(device)
     sweep = SweepConfig(device=device, **settings)
     preflight(sweep)
-    distributed = init_from_env()
+    init_from_env()
     store = RunStore.prepare(out) if is_main_process() else None
     rows = sum(1 for _ in run_sweep(sweep, store, progress=not quiet and is_main_process()))
     if store is not None:
         click.echo(f"{rows} new rows in {store.path} ({len(store.done_keys())} in all)")
         click.echo(write_report(out))
-    if distributed:
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def cli_settings(options: dict[str, Any]) -> dict[str, Any]:
