@@ -154,8 +154,14 @@ def seeded_subset(samples: list[Sample], root: Path, limit: int, seed: int) -> l
     return [samples[i] for i in chosen]
 
 
-def eval_transform(model: nn.Module, img_size: int) -> Callable:
-    """timm's evaluation preprocessing from the model's pretrained config (interpolation, crop_pct,
-    mean/std) at `img_size`: resize to img_size / crop_pct, center-crop img_size, normalise."""
-    config = resolve_data_config({"input_size": (3, img_size, img_size)}, model=model)
-    return create_transform(**config, is_training=False)
+def eval_config(model: nn.Module, img_size: int | tuple[int, int]) -> dict:
+    """The model's pretrained preprocessing config (interpolation, crop_pct, mean/std) at `img_size`
+    (a side, or height and width)."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return resolve_data_config({"input_size": (3, height, width)}, model=model)
+
+
+def eval_transform(model: nn.Module, img_size: int | tuple[int, int]) -> Callable:
+    """timm's evaluation preprocessing from `eval_config`: resize to img_size / crop_pct, center-crop
+    img_size, normalise."""
+    return create_transform(**eval_config(model, img_size), is_training=False)

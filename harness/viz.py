@@ -18,10 +18,10 @@ from matplotlib.cbook import get_sample_data
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
 from torch import nn
 
 import methods
+from harness.data import eval_config, eval_transform
 from harness.models import create_model
 from methods.errors import TokenBenchError
 from methods.timm_compat import model_image_size, patch_size
@@ -159,8 +159,9 @@ def preprocess(model: nn.Module, path: Path) -> tuple[torch.Tensor, np.ndarray]:
         image = Image.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise TokenBenchError(f"cannot read image {path}: {error}") from None
-    config = resolve_data_config({"input_size": (3, *model_image_size(model))}, model=model)
-    tensor = create_transform(**config, is_training=False)(image)  # [3, H, W], normalised
+    size = model_image_size(model)
+    config = eval_config(model, size)
+    tensor = eval_transform(model, size)(image)  # [3, H, W], normalised
     mean = torch.tensor(config["mean"]).view(3, 1, 1)
     std = torch.tensor(config["std"]).view(3, 1, 1)
     picture = (tensor * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # [H, W, 3]
@@ -190,8 +191,9 @@ def visualise(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in paths:
+        # Every model is model_name at img_size, so they all take the image preprocessed alike.
+        tensor, picture = preprocess(next(iter(models.values())), path)
         for name, model in models.items():
-            tensor, picture = preprocess(model, path)
             stages = methods.kept_patches(model, tensor)
             title = f"{name} at keep rate {keep_rate:g} on {model_name}: {path.name}"
             target = out / f"{path.stem}_{name}.png"
