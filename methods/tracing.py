@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.timm_compat import require_vit
+from methods.timm_compat import patch_size, require_vit
 
 TRACER_ATTR = "selection_tracer"
 
@@ -75,11 +75,8 @@ def report_restore(block: nn.Module) -> None:
 def trace_selections(model: nn.Module, images: torch.Tensor) -> Iterator[list[Stage]]:
     """Within the block, forward passes of `model` on `images` record their stages in the yielded list."""
     vit = require_vit(model)
-    patches = vit.patch_embed.num_patches if not vit.dynamic_img_size else None
-    if patches is None:
-        grid = [s // p for s, p in zip(images.shape[-2:], vit.patch_embed.patch_size)]
-        patches = grid[0] * grid[1]
-    tracer = SelectionTracer(vit, images.shape[0], patches, images.device)
+    rows, cols = (size // patch for size, patch in zip(images.shape[-2:], patch_size(vit)))
+    tracer = SelectionTracer(vit, images.shape[0], rows * cols, images.device)
     for block in vit.blocks:
         setattr(block, TRACER_ATTR, tracer)
     try:
