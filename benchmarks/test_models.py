@@ -8,10 +8,14 @@ from harness.models import create_model
 from tests.test_evit import official_evit_logits
 
 
+def group(batch_size: int, device: str) -> str:
+    return f"model: {MODEL} at {IMG_SIZE}, batch {batch_size}, {device}"
+
+
 @pytest.mark.parametrize("name", methods.list_methods())
 def test_model_forward(benchmark, name, images, device, batch_size, measured):
     model = methods.apply(create_model(MODEL, IMG_SIZE), name).to(device).eval()
-    benchmark.group = f"model: {MODEL} at {IMG_SIZE}, batch {batch_size}, {device}"
+    benchmark.group = group(batch_size, device)
     benchmark.extra_info.update(method=name, batch_size=batch_size, tokens=methods.token_counts(model, IMG_SIZE))
     benchmark(measured(lambda: model(images)))
 
@@ -21,6 +25,6 @@ def test_official_style_evit_forward(benchmark, images, device, batch_size, meas
     beside `test_model_forward[evit]`: the same logits, so the comparison is of implementations."""
     model = create_model(MODEL, IMG_SIZE).to(device).eval()
     config = methods.lookup("evit").make_config()
-    benchmark.group = f"model: {MODEL} at {IMG_SIZE}, batch {batch_size}, {device}"
+    benchmark.group = group(batch_size, device)
     benchmark.extra_info.update(method="evit (official-style)", batch_size=batch_size)
     benchmark(measured(lambda: official_evit_logits(model, images, config.keep_rate, config.locations, True)))
