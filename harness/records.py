@@ -9,29 +9,49 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 
 from methods.errors import TokenBenchError
 
 RECORDS_FILE = "records.csv"
-REFERENCE = "vanilla"  # the method every row is compared with, measured once per resolution
+REFERENCE = "vanilla"  # the method every row is compared with, measured once per (model, resolution, batch size)
 
 
 def write_csv_atomically(frame: pd.DataFrame, path: Path) -> None:
     """Write `frame` to `path` so that readers see the old file or the new one, never a part."""
+    write_atomically(path, lambda stream: frame.to_csv(stream, index=False))
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    write_atomically(path, lambda stream: stream.write(text))
+
+
+def write_atomically(path: Path, write: Callable[[TextIO], object]) -> None:
+    """Write through a temporary file in the same folder and an atomic rename. The file gets the mode
+    an ordinary open() would give it (0666 less the umask): mkstemp's 0600 would hide results from
+    colleagues on a shared machine."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "w", newline="") as stream:
-            frame.to_csv(stream, index=False)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask; reading it means setting it, so it is set straight back."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 class RunStore:
