@@ -1,16 +1,20 @@
 """Images per second, timed as timm's benchmark does, for one model or several interleaved.
 
-Protocol: eval mode under torch.inference_mode(), autocast for fp16/bf16 (weights stay fp32), one
-random batch created once on the device, `warmup` untimed iterations, then `windows` windows of
-`iters` iterations timed with time.perf_counter and bounded by torch.cuda.synchronize() on CUDA.
-The figure is the median over windows; min, max and IQR give its spread. A batch that runs out of
-GPU memory is halved and the measurement restarted; the halvings are recorded. With compile, torch's
-compile caches are reset for each measurement and each halved batch, so every model runs compiled.
+Protocol: eval mode under torch.inference_mode(), in an execution mode (harness.modes: autocast or
+low-precision weights, eager, CUDA graphs or compiled), one random batch created once on the
+device, `warmup` untimed iterations of each model at the timed batch size (then, with CUDA graphs,
+one capture each), then `windows` windows of `iters` iterations, the models taking turns window by
+window, timed with time.perf_counter and bounded by torch.cuda.synchronize() on CUDA. On CUDA,
+cudnn.benchmark picks the convolution algorithms (as timm's benchmark does). The figure is the
+median over windows; min, max and IQR give its spread. A batch that runs out of GPU memory is
+halved and the measurement restarted; the halvings are recorded. With compile, torch's compile
+caches are reset for each measurement and each halved batch, so every model runs compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import re
 import time
@@ -22,24 +26,14 @@ import timm
 import torch
 from torch import nn
 
+from harness.modes import ExecutionMode, capture_graph, cast_for_inference, check_precision, compiled
 from harness.provenance import device_name
 from methods.errors import TokenBenchError
 from methods.timm_compat import check_image_size
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-CPU_PRECISIONS = ("fp32", "bf16")
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = "auto, cpu, cuda, cuda:N"
 CPU_BATCH = 32
 OUT_OF_MEMORY_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def check_precision(device: str, precision: str) -> None:
-    """Raise unless `precision` is known and runs on `device` (CPU autocast has no fp16)."""
-    if precision not in PRECISIONS:
-        raise TokenBenchError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if device == "cpu" and precision not in CPU_PRECISIONS:
-        raise TokenBenchError(f"precision {precision} does not run on CPU; allowed on CPU: {', '.join(CPU_PRECISIONS)}")
 
 
 def check_positive(name: str, value: int | None, minimum: int = 1, optional: bool = False) -> None:
@@ -53,12 +47,15 @@ def check_positive(name: str, value: int | None, minimum: int = 1, optional: boo
 class ThroughputConfig:
     """How to time. batch_size None: on CUDA the largest power of two up to max_batch that fits
     (found by halving on OOM), on CPU 32. threads: CPU threads for the run (None: leave as is).
-    tf32: allow TF32 matmuls and convolutions on CUDA (set explicitly either way)."""
+    tf32: allow TF32 matmuls and convolutions on CUDA (set explicitly either way).
+    precision, model_dtype, cuda_graphs, compile: the execution mode (harness.modes.ExecutionMode)."""
 
     device: str = "cpu"
     batch_size: int | None = None
     precision: str = "fp32"
     compile: bool = False
+    model_dtype: str = "fp32"
+    cuda_graphs: bool = False
     warmup: int = 3
     iters: int = 5
     windows: int = 5
@@ -69,7 +66,7 @@ class ThroughputConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise TokenBenchError(f"unknown device {self.device!r}; allowed: {DEVICES}")
-        check_precision(self.device, self.precision)
+        self.mode  # noqa: B018  (builds and so checks the execution mode)
         check_positive("batch_size", self.batch_size, optional=True)
         check_positive("warmup", self.warmup, minimum=0)
         if self.compile and self.warmup < 1:
@@ -80,6 +77,10 @@ class ThroughputConfig:
         check_positive("max_batch", self.max_batch)
         if self.max_batch & (self.max_batch - 1):
             raise TokenBenchError(f"max_batch must be a power of two, got {self.max_batch}")
+
+    @property
+    def mode(self) -> ExecutionMode:
+        return ExecutionMode(self.device, self.precision, self.model_dtype, self.cuda_graphs, self.compile)
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,15 @@ def check_device_precision(device: str, precision: str) -> None:
         raise TokenBenchError(f"{device_name(device)} has no bf16; use fp16 or fp32")
 
 
+def check_device_dtype(device: str, model_dtype: str) -> None:
+    """bf16 weights only where the GPU has bf16."""
+    if device != "cpu" and model_dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TokenBenchError(f"{device_name(device)} has no bf16; use fp16 or fp32")
+
+
 def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
     """Autocast to fp16/bf16, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+    return ExecutionMode(device=device, precision=precision).autocast()
 
 
 def synchronize(device: str) -> None:
@@ -130,35 +135,33 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-@contextlib.contextmanager
-def prepared_for_inference(model: nn.Module, device: str) -> Iterator[nn.Module]:
-    """The model in eval mode on `device`; afterwards each module's mode and the device are restored."""
-    modes = {module: module.training for module in model.modules()}
-    param = next(model.parameters(), None)
-    original = param.device if param is not None else None
-    try:
-        yield model.eval().to(device)
-    finally:
-        if original is not None:
-            model.to(original)
-        for module, training in modes.items():
-            module.training = training
+def prepared_for_inference(model: nn.Module, device: str) -> contextlib.AbstractContextManager[nn.Module]:
+    """The model in eval mode on `device`; afterwards each module's mode and tensors are restored."""
+    return cast_for_inference(model, device)
 
 
 @contextlib.contextmanager
 def run_settings(device: str, config: ThroughputConfig) -> Iterator[dict]:
     """Set CPU threads and (on CUDA) TF32 for the run and restore them after; yields what was used."""
     threads = torch.get_num_threads()
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    cuda = device != "cpu"
+    backends = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     try:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        if device != "cpu":
+        if cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
-        yield {"threads": torch.get_num_threads(), "tf32": config.tf32 if device != "cpu" else None}
+            torch.backends.cudnn.benchmark = True
+        yield {
+            "threads": torch.get_num_threads(),
+            "tf32": config.tf32 if cuda else None,
+            "cudnn_benchmark": True if cuda else None,
+        }
     finally:
         torch.set_num_threads(threads)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = (
+            backends
+        )
 
 
 def measure_throughput(model: nn.Module, img_size: int, config: ThroughputConfig) -> ThroughputResult:
@@ -174,22 +177,29 @@ def measure_interleaved(
     if not models:
         raise TokenBenchError("measure_interleaved needs at least one model")
     device = resolve_device(config.device)
+    config = dataclasses.replace(config, device=device)
+    mode = config.mode
     check_device_precision(device, config.precision)
+    check_device_dtype(device, config.model_dtype)
     for model in models.values():
         size = check_image_size(model, img_size)
     with contextlib.ExitStack() as stack:
         settings = stack.enter_context(run_settings(device, config))
-        runners = {name: stack.enter_context(prepared_for_inference(model, device)) for name, model in models.items()}
+        runners = {
+            name: stack.enter_context(cast_for_inference(model, device, mode.dtype)) for name, model in models.items()
+        }
         if config.compile:
-            # Every ViT instance shares one forward code object, and each patched model adds guards to
-            # it: past torch's recompile limit later models would silently run eagerly. Start afresh.
-            torch.compiler.reset()
-            runners = {name: torch.compile(model, dynamic=False) for name, model in runners.items()}
+            torch.compiler.reset()  # see harness.modes.compiled
+            runners = {name: compiled(model, mode) for name, model in runners.items()}
         batch, halvings, rates = time_with_backoff(runners, size, device, config)
     protocol = {
         "device": device,
         "precision": config.precision,
+        "model_dtype": config.model_dtype,
+        "cuda_graphs": config.cuda_graphs,
         "compile": config.compile,
+        "compile_mode": mode.compile_mode,
+        "cudnn_benchmark": settings["cudnn_benchmark"],
         "warmup": config.warmup,
         "iters": config.iters,
         "windows": config.windows,
@@ -248,22 +258,31 @@ def time_windows(
     runners: Mapping[str, Callable], batch: int, size: tuple[int, int], device: str, config: ThroughputConfig
 ) -> dict[str, list[float]]:
     """Images per second of each runner in each window, the windows going round-robin over runners."""
+    mode = config.mode
     generator = torch.Generator(device).manual_seed(0)
-    images = torch.randn(batch, 3, *size, generator=generator, device=device)  # [B, 3, H, W]
+    images = torch.randn(batch, 3, *size, generator=generator, device=device).to(mode.dtype)  # [B, 3, H, W]
     rates: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.inference_mode(), autocast(device, config.precision):
-        for run in runners.values():
-            for _ in range(config.warmup):
-                run(images)
+    with torch.inference_mode(), mode.autocast():
+        calls = {name: warmed_up(run, images, config) for name, run in runners.items()}
         for _ in range(config.windows):
-            for name, run in runners.items():
+            for name, call in calls.items():
                 synchronize(device)
                 start = time.perf_counter()
                 for _ in range(config.iters):
-                    run(images)
+                    call()
                 synchronize(device)
                 rates[name].append(batch * config.iters / (time.perf_counter() - start))
     return rates
+
+
+def warmed_up(run: Callable, images: torch.Tensor, config: ThroughputConfig) -> Callable[[], object]:
+    """Run `run(images)` `warmup` times, then return what a timed iteration calls: the forward, or the
+    replay of its CUDA graph, captured here at the timed batch size."""
+    for _ in range(config.warmup):
+        run(images)
+    if config.mode.captures_graphs:
+        return capture_graph(run, images)
+    return lambda: run(images)
 
 
 def summarise(rates: list[float], batch: int, halvings: int, name: str, protocol: dict) -> ThroughputResult:
