@@ -37,22 +37,37 @@ def apply(model: nn.Module, name: str, **options: Any) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class BlockTokenCounts:
+    """Tokens (prefix tokens included) that each block's attention and FFN process."""
+
+    attention: tuple[int, ...]
+    ffn: tuple[int, ...]
+
+
 def token_counts(model: nn.Module, img_size: int | Sequence[int]) -> list[int]:
     """Tokens (prefix tokens included) that each block's FFN processes for one image of that size.
 
     Measured by running the model on one random image, so it shows what the code does.
     """
+    return list(block_token_counts(model, img_size).ffn)
+
+
+def block_token_counts(model: nn.Module, img_size: int | Sequence[int]) -> BlockTokenCounts:
+    """Tokens that each block's attention and FFN process for one image of that size, measured by
+    running the model: what the floor twin (methods.floor) reproduces by slicing."""
     vit = require_vit(model)
     height, width = check_image_size(vit, img_size)
-    counts: list[int] = [0] * depth(vit)
+    attention, ffn = [0] * depth(vit), [0] * depth(vit)
 
-    def recorder(index: int):
+    def recorder(counts: list[int], index: int):
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             counts[index] = inputs[0].shape[1]
 
         return record
 
-    hooks = [block.mlp.register_forward_pre_hook(recorder(i)) for i, block in enumerate(vit.blocks)]
+    hooks = [block.mlp.register_forward_pre_hook(recorder(ffn, i)) for i, block in enumerate(vit.blocks)]
+    hooks += [block.attn.register_forward_pre_hook(recorder(attention, i)) for i, block in enumerate(vit.blocks)]
     param = next(vit.parameters())
     image = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(param)
     was_training = vit.training
@@ -64,4 +79,4 @@ def token_counts(model: nn.Module, img_size: int | Sequence[int]) -> list[int]:
         vit.train(was_training)
         for hook in hooks:
             hook.remove()
-    return counts
+    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn))
