@@ -1,7 +1,8 @@
 """torch.distributed from torchrun's environment, and the two operations a sharded evaluation needs.
 
-With CUDA the process group has two backends, gloo for CPU tensors and nccl for CUDA ones, so a
-collective works whichever device the caller evaluates on; each process uses GPU LOCAL_RANK.
+A run on CUDA has two backends, gloo for CPU tensors and nccl for CUDA ones, so a collective works
+whichever device the caller evaluates on; each process uses GPU LOCAL_RANK. A CPU run uses gloo
+only and never touches CUDA.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def check_device_for_ranks(device: str) -> None:
         )
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes when WORLD_SIZE > 1; return whether distributed."""
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group torchrun describes when WORLD_SIZE > 1; return whether distributed.
+
+    Only a run on CUDA (`device` cuda or cuda:N) takes the GPU of its LOCAL_RANK and adds nccl: a CPU
+    run never touches CUDA, so it works on a machine with fewer GPUs than processes."""
     world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return False
@@ -47,7 +51,7 @@ def init_from_env() -> bool:
     if missing:
         raise TokenBenchError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start the processes with torchrun")
     backend = "gloo"
-    if torch.cuda.is_available():
+    if device.startswith("cuda"):
         local_rank = env_int("LOCAL_RANK", 0)
         if not 0 <= local_rank < torch.cuda.device_count():
             raise TokenBenchError(f"LOCAL_RANK={local_rank}, but {torch.cuda.device_count()} GPU(s) are visible")

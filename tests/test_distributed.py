@@ -118,9 +118,9 @@ def test_a_bad_label_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
 
 def sweep_on(root, labels, keep_rates):
     """evit on deit_tiny at 64x64 with accuracy on `root`: quick timing, the labels from a CSV."""
-    timing = dict(device="cpu", batch_size=2, warmup=0, iters=1, windows=1)
+    timing = dict(device="cpu", batch_sizes=(2,), warmup=0, iters=1, windows=1)
     return SweepConfig(
-        model="deit_tiny_patch16_224",
+        models=("deit_tiny_patch16_224",),
         methods=("evit",),
         keep_rates=keep_rates,
         resolutions=(64,),
@@ -188,3 +188,26 @@ def test_non_integer_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(TokenBenchError, match="WORLD_SIZE must be an integer"):
         init_from_env()
+
+
+def test_a_cpu_run_never_touches_cuda_even_with_fewer_gpus_than_processes(monkeypatch):
+    """On a one-GPU machine, rank 1 of a two-process CPU run used to be refused: "LOCAL_RANK=1, but 1
+    GPU(s) are visible". Here CUDA claims one GPU and fails if anything asks it for more."""
+    import torch.distributed as dist
+
+    def untouchable(*_args, **_kwargs):
+        raise AssertionError("a CPU run touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", untouchable)
+    monkeypatch.setattr(torch.cuda, "set_device", untouchable)
+    backends = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    env = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert init_from_env("cpu")
+    assert backends == ["gloo"]
+    with pytest.raises(AssertionError, match="touched CUDA"):
+        init_from_env("cuda")  # the same call on CUDA does ask for the rank's GPU
