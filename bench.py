@@ -5,10 +5,11 @@ This module parses options and calls the harness; it measures nothing itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +23,40 @@ DEFAULT_OUT = "results/run"
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn the library's TokenBenchError into Click's usage error: one line, exit code 2."""
+    """Turn the library's TokenBenchError into Click's usage error (one line, exit code 2), and show
+    warnings as plain lines while the command runs."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings_as_plain_lines():
+                return command(*args, **kwargs)
         except TokenBenchError as error:
             raise click.UsageError(str(error)) from None
 
     return wrapper
 
 
-def show_each_warning_once() -> None:
-    """Print each distinct warning once per command. Python's own memory of shown warnings is cleared
-    whenever the filters change, which fvcore's tracing does for every MAC count of a sweep."""
+@contextlib.contextmanager
+def warnings_as_plain_lines() -> Iterator[None]:
+    """While a command runs, print each distinct warning once, as one line `warning: MESSAGE` on
+    stderr: a user needs the message, not the file, line number and source line of Python's format.
+    Python's own memory of shown warnings is cleared whenever the filters change, which fvcore's
+    tracing does for every MAC count of a sweep, so "once" is kept here. Library callers (outside
+    the CLI) keep Python's warnings as they are."""
     shown: set[tuple[str, type]] = set()
     show = warnings.showwarning
 
     def show_once(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         if (str(message), category) not in shown:
             shown.add((str(message), category))
-            show(message, category, filename, lineno, file, line)
+            click.echo(f"warning: {message}", err=True)
 
     warnings.showwarning = show_once
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def split_list(value: str, convert: Callable[[str], Any], what: str) -> tuple:
@@ -64,6 +75,16 @@ def parse_methods(value: str) -> tuple[str, ...]:
     if unknown:
         raise click.BadParameter(f"unknown method {', '.join(unknown)}; known: {', '.join(methods.list_methods())}")
     return names
+
+
+def parse_batch_size(text: str) -> int | str:
+    """An int >= 1, or "max" (searched on GPU)."""
+    if text == "max":
+        return text
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def parse_option_value(text: str) -> Any:
@@ -112,9 +133,11 @@ def list_command() -> None:
 
 
 SWEEP_KEYS = (
-    "model methods keep_rates resolutions device batch_size precision compile warmup iters windows threads "
-    "data labels_csv limit checkpoints method_args out"
+    "model models methods keep_rates resolutions device batch_size batch_sizes precision model_dtype cuda_graphs "
+    "compile warmup iters windows threads data labels_csv limit checkpoints method_args out"
 ).split()
+# The one-value forms of list options: `model: X` is `models: [X]`, `batch_size: 8` is `batch_sizes: [8]`.
+SINGULAR = {"model": "models", "batch_size": "batch_sizes"}
 
 
 def read_sweep_file(path: str) -> dict[str, Any]:
@@ -131,7 +154,7 @@ def read_sweep_file(path: str) -> dict[str, Any]:
         raise click.BadParameter(
             f"sweep file {path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(SWEEP_KEYS)}"
         )
-    for key in ("methods", "keep_rates", "resolutions"):
+    for key in ("methods", "models", "keep_rates", "resolutions", "batch_sizes"):
         if isinstance(settings.get(key), list):
             settings[key] = tuple(settings[key])
     if isinstance(settings.get("method_args"), dict):
@@ -145,12 +168,27 @@ def read_sweep_file(path: str) -> dict[str, Any]:
 @cli.command("run")
 @click.option("--methods", "method_list", help="Comma-separated methods; default: every registered method.")
 @click.option("--model", help="A timm ViT name.  [default: deit_small_patch16_224]")
+@click.option("--models", help="Comma-separated timm ViT names: several models in one run.")
 @click.option("--keep-rates", help="Comma-separated keep rates in (0, 1].  [default: 0.5,0.7,0.9]")
 @click.option("--resolutions", help="Comma-separated input sizes, multiples of the patch size.  [default: 224]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Default: searched on GPU, 8 on CPU.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="[default: fp32]")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the models.")
+@click.option("--batch-size", help="One batch size: an int, or max (searched, GPU).  [default: 256 on GPU, 8 on CPU]")
+@click.option(
+    "--batch-sizes", help="Comma-separated batch sizes: ints, or max (the largest power of two that fits, GPU)."
+)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Autocast dtype.  [default: fp32]")
+@click.option(
+    "--model-dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    help="Weights and input in this dtype, no autocast (not with --precision).  [default: fp32]",
+)
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None, help="Replay each forward from a CUDA graph (GPU only).")
+@click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=None,
+    help="torch.compile the models (with --cuda-graphs: reduce-overhead).",
+)
 @click.option("--warmup", type=click.IntRange(min=0), help="Warm-up iterations.  [default: 1 on CPU, 10 on GPU]")
 @click.option(
     "--iters", type=click.IntRange(min=1), help="Timed iterations per window.  [default: 2 on CPU, 20 on GPU]"
@@ -171,8 +209,9 @@ def read_sweep_file(path: str) -> dict[str, Any]:
 def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     """Measure MACs, token counts, throughput and (with --data) top-1 over a grid of configurations.
 
-    Vanilla is measured once per resolution as the reference; each method's speedup is timed
-    interleaved with it. Rows are written as they are measured; rerunning resumes.
+    Vanilla is measured once per (model, resolution, batch size) as the reference; each method's
+    speedup is timed interleaved with it and with the method's floor twin (the same token counts,
+    selected by a slice). Rows are written as they are measured; rerunning resumes.
     """
     from harness.distributed import check_device_for_ranks, init_from_env, is_main_process, shutdown
     from harness.records import RunStore
@@ -180,16 +219,15 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     from harness.sweep import SweepConfig, preflight, run_sweep
     from harness.throughput import resolve_device
 
-    show_each_warning_once()
-    settings = read_sweep_file(config_file) if config_file else {}
-    settings.update(cli_settings(options))
+    settings = one_value_forms(read_sweep_file(config_file) if config_file else {})
+    settings.update(one_value_forms(cli_settings(options)))
     out = settings.pop("out", None) or DEFAULT_OUT
     device = settings.pop("device", None) or "auto"
     check_device_for_ranks(device)
     device = resolve_device(device)
     sweep = SweepConfig(device=device, **settings)
     preflight(sweep)
-    init_from_env()
+    init_from_env(device)
     store = RunStore.prepare(out) if is_main_process() else None
     rows = sum(1 for _ in run_sweep(sweep, store, progress=not quiet and is_main_process()))
     if store is not None:
@@ -198,10 +236,23 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     shutdown()
 
 
+def one_value_forms(settings: dict[str, Any]) -> dict[str, Any]:
+    """`model` and `batch_size` as one-element `models` and `batch_sizes`; giving both forms is an error."""
+    for one, many in SINGULAR.items():
+        if one in settings:
+            if many in settings:
+                raise TokenBenchError(f"give {one} or {many}, not both")
+            settings[many] = (settings.pop(one),)
+    return settings
+
+
 def cli_settings(options: dict[str, Any]) -> dict[str, Any]:
     """The options given on the command line, parsed, under SweepConfig's names."""
     parsers = {
         "method_list": ("methods", parse_methods),
+        "models": ("models", lambda v: split_list(v, str, "timm model names")),
+        "batch_size": ("batch_size", parse_batch_size_option),
+        "batch_sizes": ("batch_sizes", lambda v: split_list(v, parse_batch_size, "batch sizes (ints >= 1, or max)")),
         "keep_rates": ("keep_rates", lambda v: split_list(v, float, "keep rates")),
         "resolutions": ("resolutions", lambda v: split_list(v, int, "resolutions (ints)")),
         "checkpoint_args": ("checkpoints", parse_checkpoints),
@@ -215,6 +266,13 @@ def cli_settings(options: dict[str, Any]) -> dict[str, Any]:
         key, parse = parsers.get(name, (name, lambda v: v))
         settings[key] = parse(value)
     return settings
+
+
+def parse_batch_size_option(value: str) -> int | str:
+    try:
+        return parse_batch_size(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected a batch size (an int >= 1, or max), got {value!r}") from None
 
 
 @cli.command("report")

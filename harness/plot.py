@@ -1,23 +1,31 @@
-"""Trade-off figures from a run's records: one line per method across keep rates, per resolution."""
+"""Figures from a run's records, per model, resolution and execution mode: the trade-off at each batch
+size (one line per method across keep rates), and, with several batch sizes, speedup against batch
+size, where the crossover at which reduction starts to pay shows."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from harness.records import REFERENCE, read_records  # noqa: E402
+from harness.report import with_group_columns  # noqa: E402
 
 LABELS = {"img_per_s": "throughput (img/s)", "gmacs": "GMACs", "top1": "top-1 (%)", "keep_rate": "keep rate"}
-# (x, y, whether larger x is better): the papers' trade-offs with accuracy, else cost against keep rate.
+# (x, y, whether larger x is better): the papers' trade-offs with accuracy, else cost against keep rate
+# and throughput against GMACs beside the ideal (time following MACs).
 WITH_ACCURACY = [("img_per_s", "top1", True), ("gmacs", "top1", False)]
-WITHOUT_ACCURACY = [("keep_rate", "img_per_s", None), ("keep_rate", "gmacs", None)]
+WITHOUT_ACCURACY = [("keep_rate", "img_per_s", None), ("keep_rate", "gmacs", None), ("gmacs", "img_per_s", None)]
+IDEAL_LABEL = "ideal: vanilla img/s x MAC ratio"
+FIGURE_AXES = ["model", "resolution", "mode"]
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str, larger_x_better: bool) -> pd.DataFrame:
@@ -32,6 +40,13 @@ def pareto_front(points: pd.DataFrame, x: str, y: str, larger_x_better: bool) ->
     return points.loc[keep]
 
 
+def draw_ideal(ax: plt.Axes, group: pd.DataFrame) -> None:
+    """Throughput if time followed MACs: vanilla's img/s x (vanilla's GMACs / GMACs), a hyperbola."""
+    reference = group[group["method"] == REFERENCE].iloc[0]
+    gmacs = np.linspace(group["gmacs"].min(), group["gmacs"].max(), 50)
+    ax.plot(gmacs, reference["img_per_s"] * reference["gmacs"] / gmacs, ls=":", color="grey", label=IDEAL_LABEL)
+
+
 def draw_panel(ax: plt.Axes, group: pd.DataFrame, x: str, y: str, larger_x_better: bool | None) -> None:
     reduced = group[group["method"] != REFERENCE].sort_values(["method", "keep_rate"])
     sns.lineplot(data=reduced, x=x, y=y, hue="method", marker="o", estimator=None, sort=False, ax=ax)
@@ -40,34 +55,82 @@ def draw_panel(ax: plt.Axes, group: pd.DataFrame, x: str, y: str, larger_x_bette
     if larger_x_better is not None:
         front = pareto_front(group.dropna(subset=[x, y]), x, y, larger_x_better)
         ax.scatter(front[x], front[y], s=160, facecolors="none", edgecolors="crimson", label="Pareto front", zorder=4)
+    if (x, y) == ("gmacs", "img_per_s") and not reference.empty:
+        draw_ideal(ax, group)
     ax.set_xlabel(LABELS[x])
     ax.set_ylabel(LABELS[y])
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
 
 
+def title(group: pd.DataFrame, batch: bool = True) -> str:
+    first = group.iloc[0]
+    batch_text = f", batch {first['batch_size_requested']}" if batch else ""
+    return f"{first['model']} at {first['resolution']}px{batch_text}, {first['device']} {first['mode']}"
+
+
 def trade_off_figure(group: pd.DataFrame) -> Figure:
-    """The figure for one resolution's rows."""
+    """The figure for one group's rows (one model, resolution, batch size and mode)."""
+    group = with_group_columns(group)
     panels = WITH_ACCURACY if group["top1"].notna().any() else WITHOUT_ACCURACY
     sns.set_theme(style="whitegrid")
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     for ax, (x, y, larger_x_better) in zip(axes, panels):
         draw_panel(ax, group, x, y, larger_x_better)
-    first = group.iloc[0]
-    figure.suptitle(f"{first['model']} at {first['resolution']}px, {first['device']} {first['precision']}")
+    figure.suptitle(title(group))
     figure.tight_layout()
     return figure
 
 
+def speedup_vs_batch_figure(rows: pd.DataFrame) -> Figure:
+    """Speedup over vanilla against batch size (log2) for one model, resolution and mode: a solid line
+    per method and keep rate, its floor twin dashed in the same colour, and y = 1 (no gain) marked."""
+    reduced = with_group_columns(rows)
+    reduced = reduced[reduced["method"] != REFERENCE].sort_values("batch_size")
+    sns.set_theme(style="whitegrid")
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    configurations = list(reduced.groupby(["method", "keep_rate"], sort=True))
+    colours = sns.color_palette(n_colors=max(len(configurations), 1))
+    for colour, ((method, keep_rate), line) in zip(colours, configurations):
+        label = f"{method} {keep_rate:g}"
+        ax.plot(line["batch_size"], line["speedup"], marker="o", color=colour, label=label)
+        ax.plot(line["batch_size"], line["floor_speedup"], ls="--", color=colour, label=f"{label} floor")
+    ax.axhline(1.0, color="black", lw=1, label="vanilla (no gain)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over vanilla")
+    ax.legend(fontsize="x-small", ncol=2)
+    figure.suptitle(title(reduced, batch=False))
+    figure.tight_layout()
+    return figure
+
+
+def slug(values: list[object]) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(value)).strip("-") for value in values)
+
+
 def plot_run(run: str | Path) -> list[Path]:
-    """Write tradeoff_<resolution>.png and .svg into the run folder; returns the paths."""
+    """Write the figures (PNG and SVG) into the run folder and return their paths:
+    tradeoff_<...>.png per group and, with several batch sizes, speedup_vs_batch_<...>.png. The names
+    carry the resolution and whichever of model, batch size and mode vary within the run."""
     run_dir = Path(run)
-    records = read_records(run_dir)
+    records = with_group_columns(read_records(run_dir))
+    varying = [column for column in ("model", "mode") if records[column].nunique() > 1]
+    several_batches = records["batch_size_requested"].nunique() > 1
+    figures: list[tuple[str, Figure]] = []
+    for key, rows in records.groupby([*FIGURE_AXES], sort=True):
+        named = dict(zip(FIGURE_AXES, key))
+        parts = [named[column] for column in varying] + [named["resolution"]]
+        for batch, group in rows.groupby("batch_size_requested", sort=True):
+            figures.append(
+                (f"tradeoff_{slug(parts + ([f'b{batch}'] if several_batches else []))}", trade_off_figure(group))
+            )
+        if several_batches:
+            figures.append((f"speedup_vs_batch_{slug(parts)}", speedup_vs_batch_figure(rows)))
     written = []
-    for resolution, group in records.groupby("resolution", sort=True):
-        figure = trade_off_figure(group)
+    for stem, figure in figures:
         for suffix in ("png", "svg"):
-            path = run_dir / f"tradeoff_{resolution}.{suffix}"
+            path = run_dir / f"{stem}.{suffix}"
             figure.savefig(path, dpi=120)
             written.append(path)
         plt.close(figure)

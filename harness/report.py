@@ -1,4 +1,5 @@
-"""Tables from a run's records: per resolution, each configuration against the vanilla reference."""
+"""Tables from a run's records: per group (model, resolution, batch size, execution mode), each
+configuration against that group's vanilla reference and its own floor twin."""
 
 from __future__ import annotations
 
@@ -6,57 +7,86 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.records import REFERENCE, read_records, write_csv_atomically
+from harness.records import REFERENCE, read_records, write_csv_atomically, write_text_atomically
 from methods.errors import TokenBenchError
 
+GROUP = ["model", "resolution", "batch_size_requested", "mode"]
 COLUMNS = [
-    "resolution",
+    *GROUP,
     "method",
     "keep_rate",
+    "batch_size",
     "gmacs",
     "mac_reduction_pct",
     "img_per_s",
+    "reference_img_per_s",
     "speedup",
     "ideal_speedup",
     "pct_of_ideal",
+    "floor_speedup",
+    "pct_of_floor",
     "top1",
     "top1_delta",
     "top5",
 ]
 
 
-def build_report(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration, with MAC reduction and top-1 change against vanilla at its resolution.
+def with_group_columns(records: pd.DataFrame) -> pd.DataFrame:
+    """Records of runs made before batch sizes and modes were axes: one batch, the autocast precision,
+    and no floor twin."""
+    frame = records.copy()
+    if "batch_size_requested" not in frame:
+        frame["batch_size_requested"] = frame["batch_size"].astype(str)
+    if "mode" not in frame:
+        frame["mode"] = frame["precision"] + " autocast"
+    for column in ("floor_speedup", "reference_img_per_s"):
+        if column not in frame:
+            frame[column] = float("nan")
+    frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
+    return frame
 
-    `speedup` is the ratio of medians measured interleaved with vanilla in the same run, which holds
-    on noisy machines where img/s across rows would not. `ideal_speedup` is the MAC ratio, what the
-    method would gain if time followed MACs; `pct_of_ideal` says how much of it the method gets.
+
+def build_report(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration, with MAC reduction and top-1 change against its group's vanilla.
+
+    `speedup` is the ratio of medians measured interleaved with vanilla in the same windows
+    (`reference_img_per_s` is that vanilla's img/s), which holds on noisy machines where img/s
+    across rows would not. `ideal_speedup` is the MAC ratio, what the method would gain if time
+    followed MACs; `floor_speedup` is what its token counts allow when selection costs one slice.
+    `pct_of_ideal` and `pct_of_floor` say how much of each the method gets.
     """
     frames = []
-    for resolution, group in records.groupby("resolution", sort=True):
+    for key, group in with_group_columns(records).groupby(GROUP, sort=True):
         reference = group[group["method"] == REFERENCE]
         if reference.empty:
-            raise TokenBenchError(f"no vanilla row at resolution {resolution}: the report compares against it")
+            raise TokenBenchError(f"no vanilla row for {describe_group(key)}: the report compares against it")
         base = reference.iloc[0]
         frame = group.copy()
         frame["mac_reduction_pct"] = 100 * (1 - frame["gmacs"] / base["gmacs"])
         frame["ideal_speedup"] = base["gmacs"] / frame["gmacs"]
         frame["pct_of_ideal"] = 100 * frame["speedup"] / frame["ideal_speedup"]
+        frame["pct_of_floor"] = 100 * frame["speedup"] / frame["floor_speedup"]
         frame["top1_delta"] = frame["top1"] - base["top1"]
         frames.append(frame)
     report = pd.concat(frames, ignore_index=True)
     report["_reference_first"] = report["method"] != REFERENCE
-    report = report.sort_values(
-        ["resolution", "_reference_first", "method", "keep_rate"], ascending=[True, True, True, False]
-    )
+    order = [*GROUP, "_reference_first", "method", "keep_rate"]
+    report = report.sort_values(order, ascending=[True] * (len(GROUP) + 2) + [False])
     return report[COLUMNS].reset_index(drop=True)
 
 
+def describe_group(key: tuple) -> str:
+    model, resolution, batch, mode = key
+    return f"{model} at {resolution}x{resolution}, batch {batch}, {mode}"
+
+
 def format_markdown(report: pd.DataFrame) -> str:
+    """A section per group; its title names the model, resolution, batch size and mode, and its
+    vanilla row's img/s is the one its own `reference_img_per_s` repeats."""
     sections = []
-    for resolution, group in report.groupby("resolution", sort=True):
-        table = group.drop(columns="resolution").dropna(axis="columns", how="all")
-        sections.append(f"## {resolution}x{resolution}\n\n{table.to_markdown(index=False, floatfmt='.3f')}\n")
+    for key, group in report.groupby(GROUP, sort=False):
+        table = group.drop(columns=GROUP).dropna(axis="columns", how="all")
+        sections.append(f"## {describe_group(key)}\n\n{table.to_markdown(index=False, floatfmt='.3f')}\n")
     return "\n".join(sections)
 
 
@@ -66,5 +96,5 @@ def write_report(run: str | Path) -> str:
     report = build_report(read_records(run_dir))
     write_csv_atomically(report, run_dir / "report.csv")
     markdown = format_markdown(report)
-    (run_dir / "report.md").write_text(markdown)
+    write_text_atomically(markdown, run_dir / "report.md")
     return markdown

@@ -1,7 +1,9 @@
-"""A sweep: the grid of (method, keep rate, resolution) configurations, measured one row at a time."""
+"""A sweep: the grid of (model, resolution, batch size, method, keep rate) configurations, measured one
+row at a time, each method timed interleaved with its floor twin and the vanilla reference."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Iterator, Mapping
@@ -9,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -22,31 +25,55 @@ from harness.provenance import provenance
 from harness.records import REFERENCE, RunStore
 from harness.throughput import ThroughputConfig, measure_interleaved, measure_throughput
 from methods.config import check_keep_rate
-from methods.errors import TokenBenchError
+from methods.errors import TokenBenchError, UntrainedWeightsWarning
 
 # Where a sweep does not say: on CPU a short protocol, so the default sweep takes minutes (the
-# speedups are still interleaved ratios); on GPU timm's benchmark habits and a searched batch.
+# speedups are still interleaved ratios); on GPU timm's benchmark habits at batch 256 (ToMe's and
+# timm's yardstick), short enough that the default sweep reports in about two minutes.
 TIMING_DEFAULTS = {
-    "cpu": {"batch_size": 8, "warmup": 1, "iters": 2, "windows": 5},
-    "cuda": {"batch_size": None, "warmup": 10, "iters": 20, "windows": 5},
+    "cpu": {"warmup": 1, "iters": 2, "windows": 5},
+    "cuda": {"warmup": 10, "iters": 10, "windows": 5},
 }
+DEFAULT_BATCH_SIZES = {"cpu": (8,), "cuda": (256,)}
+SEARCHED = "max"  # the batch size searched on GPU: the largest power of two that fits
+EVAL_BATCH = 64  # images per batch for accuracy: it does not change top-1
+
+BatchSize = int | str
 
 
 def default_methods() -> tuple[str, ...]:
     return tuple(name for name in methods.list_methods() if name != REFERENCE)
 
 
+def check_batch_sizes(batch_sizes: tuple[BatchSize, ...], device: str) -> None:
+    for batch in batch_sizes:
+        if batch == SEARCHED:
+            if device == "cpu":
+                raise TokenBenchError(f"batch size {SEARCHED} (searched) is for GPUs; on CPU give ints >= 1")
+        elif isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise TokenBenchError(f"batch sizes must be ints >= 1 or {SEARCHED!r} (GPU), got {batch!r}")
+    if len(set(batch_sizes)) != len(batch_sizes):
+        raise TokenBenchError(f"batch sizes repeat: {', '.join(map(str, batch_sizes))}")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """Everything that decides what a sweep measures; the CLI and YAML sweep files fill it."""
+    """Everything that decides what a sweep measures; the CLI and YAML sweep files fill it.
 
-    model: str = "deit_small_patch16_224"
+    The grid is models x resolutions x batch sizes x (vanilla, then methods x keep rates), in one
+    execution mode (precision or model_dtype, cuda_graphs, compile). batch_sizes None: the
+    device's default (DEFAULT_BATCH_SIZES).
+    """
+
+    models: tuple[str, ...] = ("deit_small_patch16_224",)
     methods: tuple[str, ...] = field(default_factory=default_methods)
     keep_rates: tuple[float, ...] = (0.5, 0.7, 0.9)
     resolutions: tuple[int, ...] = (224,)
+    batch_sizes: tuple[BatchSize, ...] | None = None
     device: str = "cpu"
-    batch_size: int | None = None
     precision: str = "fp32"
+    model_dtype: str = "fp32"
+    cuda_graphs: bool = False
     compile: bool = False
     warmup: int | None = None
     iters: int | None = None
@@ -63,13 +90,21 @@ class SweepConfig:
             methods.lookup(name)
         for keep_rate in self.keep_rates:
             check_keep_rate(keep_rate)
-        if not self.keep_rates or not self.resolutions or not self.methods:
-            raise TokenBenchError("a sweep needs at least one method, keep rate and resolution")
+        if not self.models or not self.keep_rates or not self.resolutions or not self.methods:
+            raise TokenBenchError("a sweep needs at least one model, method, keep rate and resolution")
+        if len(set(self.models)) != len(self.models):
+            raise TokenBenchError(f"models repeat: {', '.join(self.models)}")
         if any(not isinstance(r, int) or r <= 0 for r in self.resolutions):
             raise TokenBenchError(f"resolutions must be positive ints, got {self.resolutions}")
-        self.throughput_config()  # device, precision (no fp16 on CPU), batch, timing counts, threads
+        check_batch_sizes(self.batch_sizes or (), self.device)
+        if self.batch_sizes == ():
+            raise TokenBenchError("a sweep needs at least one batch size")
+        for batch in self.batch_sizes_or_default():
+            self.throughput_config(batch)  # device, modes (no fp16 on CPU), timing counts, threads
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
             raise TokenBenchError(f"limit must be a positive int, got {self.limit!r}")
+        if self.checkpoints and len(self.models) > 1:
+            raise TokenBenchError("checkpoints fit one model: give one model with --checkpoint, not several")
         for name, path in self.checkpoints.items():
             if not Path(path).is_file():
                 raise TokenBenchError(f"checkpoint for {name} not found: {path}")
@@ -78,39 +113,54 @@ class SweepConfig:
         for job in self.jobs():
             job.make_config()  # every method option is checked before anything runs
 
+    def batch_sizes_or_default(self) -> tuple[BatchSize, ...]:
+        return self.batch_sizes or DEFAULT_BATCH_SIZES["cpu" if self.device == "cpu" else "cuda"]
+
     def jobs(self) -> list[Job]:
-        """The grid: the reference once per resolution, first, then every method and keep rate."""
+        """The grid, group by group: each (model, resolution, batch size) has its reference first, then
+        every method and keep rate, so that a group's reference is measured before its methods."""
         grid = []
-        for resolution in self.resolutions:
-            grid.append(self.reference_job(resolution))
-            for name in self.methods:
-                if name == REFERENCE:
-                    continue
-                for keep_rate in self.keep_rates:
-                    grid.append(Job(name, keep_rate, resolution, dict(self.method_args.get(name, {}))))
+        for model in self.models:
+            for resolution in self.resolutions:
+                for batch in self.batch_sizes_or_default():
+                    grid.append(self.reference_job(model, resolution, batch))
+                    for name in self.methods:
+                        if name == REFERENCE:
+                            continue
+                        options = dict(self.method_args.get(name, {}))
+                        grid.extend(Job(model, name, k, resolution, batch, options) for k in self.keep_rates)
         return grid
 
-    def reference_job(self, resolution: int) -> Job:
-        return Job(REFERENCE, 1.0, resolution, dict(self.method_args.get(REFERENCE, {})))
+    def reference_job(self, model: str, resolution: int, batch_size: BatchSize) -> Job:
+        return Job(model, REFERENCE, 1.0, resolution, batch_size, dict(self.method_args.get(REFERENCE, {})))
 
     def checkpoint_for(self, method: str) -> str | None:
         """A method without its own checkpoint runs on the reference's weights (off the shelf)."""
         return self.checkpoints.get(method, self.checkpoints.get(REFERENCE))
 
-    def throughput_config(self) -> ThroughputConfig:
-        """Timing settings: those given, else the device's defaults (TIMING_DEFAULTS)."""
+    def throughput_config(self, batch_size: BatchSize) -> ThroughputConfig:
+        """Timing settings at one batch size: those given, else the device's defaults (TIMING_DEFAULTS)."""
         defaults = TIMING_DEFAULTS["cpu" if self.device == "cpu" else "cuda"]
         timing = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
         return ThroughputConfig(
-            device=self.device, precision=self.precision, compile=self.compile, threads=self.threads, **timing
+            device=self.device,
+            batch_size=None if batch_size == SEARCHED else batch_size,
+            precision=self.precision,
+            model_dtype=self.model_dtype,
+            cuda_graphs=self.cuda_graphs,
+            compile=self.compile,
+            threads=self.threads,
+            **timing,
         )
 
 
 @dataclass(frozen=True)
 class Job:
+    model: str
     method: str
     keep_rate: float
     resolution: int
+    batch_size: BatchSize
     options: dict[str, Any]
 
     def make_config(self) -> methods.AppliedMethod:
@@ -118,20 +168,22 @@ class Job:
         return methods.AppliedMethod(self.method, config)
 
     def label(self) -> str:
-        return f"{self.method} keep={self.keep_rate:g} @{self.resolution}"
+        return f"{self.model} {self.method} keep={self.keep_rate:g} @{self.resolution} batch {self.batch_size}"
 
 
 def config_key(sweep: SweepConfig, job: Job) -> str:
     """What identifies a finished row: the same key is not measured again when a run resumes."""
     return json.dumps(
         {
-            "model": sweep.model,
+            "model": job.model,
             "method": job.method,
             "options": config_options(job),
             "resolution": job.resolution,
+            "batch_size": job.batch_size,
             "device": sweep.device,
             "precision": sweep.precision,
-            "batch_size": sweep.throughput_config().batch_size,
+            "model_dtype": sweep.model_dtype,
+            "cuda_graphs": sweep.cuda_graphs,
             "compile": sweep.compile,
             "data": sweep.data,
             "limit": sweep.limit,
@@ -142,16 +194,25 @@ def config_key(sweep: SweepConfig, job: Job) -> str:
 
 
 def build_model(sweep: SweepConfig, job: Job, device: str) -> nn.Module:
-    """The model of `job`, with its method applied and its checkpoint loaded, on `device`."""
-    model = create_model(sweep.model, img_size=job.resolution)
+    """The model of `job`, with its method applied and its checkpoint loaded, on `device`.
+
+    That a method's own parameters are untrained matters to accuracy only: a checkpoint loaded next
+    answers it, and a throughput-only sweep does not need to hear it.
+    """
+    model = create_model(job.model, img_size=job.resolution)
     checkpoint = sweep.checkpoint_for(job.method)
     with warnings.catch_warnings():
-        if checkpoint is not None:  # what apply says of untrained weights, the checkpoint loaded next answers
-            warnings.simplefilter("ignore", UserWarning)
+        if checkpoint is not None or sweep.data is None:
+            warnings.simplefilter("ignore", UntrainedWeightsWarning)
         methods.apply(model, job.method, keep_rate=job.keep_rate, **job.options)
     if checkpoint is not None:
         methods.load_checkpoint(model, checkpoint)
     return model.to(device).eval()
+
+
+def floor_twin(reference: nn.Module, counts: methods.BlockTokenCounts) -> nn.Module:
+    """The reference model sliced to a method's token counts (methods.floor), with its own weights."""
+    return methods.apply_floor(copy.deepcopy(reference), counts)
 
 
 def pending_jobs(sweep: SweepConfig, store: RunStore) -> list[Job]:
@@ -160,19 +221,20 @@ def pending_jobs(sweep: SweepConfig, store: RunStore) -> list[Job]:
 
 
 class Sweeper:
-    """Measures the rows of one sweep, keeping per resolution the reference model and the dataset."""
+    """Measures the rows of one sweep, keeping per (model, resolution) the reference model and the dataset."""
 
     def __init__(self, sweep: SweepConfig) -> None:
         self.sweep = sweep
         self.device = sweep.device
-        self.references: dict[int, nn.Module] = {}
+        self.references: dict[tuple[str, int], nn.Module] = {}
         self.datasets: dict[int, Any] = {}
         self.provenance = provenance(sweep.device)
 
-    def reference(self, resolution: int) -> nn.Module:
-        if resolution not in self.references:
-            self.references[resolution] = build_model(self.sweep, self.sweep.reference_job(resolution), self.device)
-        return self.references[resolution]
+    def reference(self, model: str, resolution: int) -> nn.Module:
+        if (model, resolution) not in self.references:
+            job = self.sweep.reference_job(model, resolution, SEARCHED)
+            self.references[model, resolution] = build_model(self.sweep, job, self.device)
+        return self.references[model, resolution]
 
     def dataset(self, model: nn.Module, resolution: int) -> Any:
         if resolution not in self.datasets:
@@ -182,40 +244,51 @@ class Sweeper:
             )
         return self.datasets[resolution]
 
-    def throughput(self, model: nn.Module, reference: nn.Module, resolution: int) -> tuple[Any, Any]:
-        """The model's throughput and the reference's, timed interleaved (A B A B) in this process."""
-        config = self.sweep.throughput_config()
+    def throughput(self, job: Job, model: nn.Module, counts: methods.BlockTokenCounts) -> dict[str, Any]:
+        """The model's throughput, its floor twin's and the reference's, timed interleaved (A B C A B C)
+        in this process; the reference row is timed alone and is its own floor."""
+        config = self.sweep.throughput_config(job.batch_size)
+        reference = self.reference(job.model, job.resolution)
         if model is reference:
-            result = measure_throughput(model, resolution, config)
-            return result, result
-        results = measure_interleaved({"method": model, "reference": reference}, resolution, config)
-        return results["method"], results["reference"]
+            result = measure_throughput(model, job.resolution, config)
+            return {"method": result, "floor": result, "reference": result}
+        models = {"method": model, "floor": floor_twin(reference, counts), "reference": reference}
+        return measure_interleaved(models, job.resolution, config)
 
     def measure(self, job: Job) -> dict[str, Any]:
-        reference = self.reference(job.resolution)
+        reference = self.reference(job.model, job.resolution)
         model = reference if job.method == REFERENCE else build_model(self.sweep, job, self.device)
         macs = count_macs(model, job.resolution)
-        counts = methods.token_counts(model, job.resolution)
-        speed, reference_speed = self.throughput(model, reference, job.resolution)
+        counts = methods.block_token_counts(model, job.resolution)
+        timed = self.throughput(job, model, counts)
+        speed, floor, base = timed["method"], timed["floor"], timed["reference"]
         row = {
-            "model": self.sweep.model,
+            "model": job.model,
             "method": job.method,
             "keep_rate": job.keep_rate,
             "method_options": json.dumps(config_options(job), sort_keys=True),
             "resolution": job.resolution,
             "device": self.device,
             "precision": self.sweep.precision,
+            "model_dtype": self.sweep.model_dtype,
+            "cuda_graphs": self.sweep.cuda_graphs,
+            "compile": self.sweep.compile,
+            "mode": self.sweep.throughput_config(job.batch_size).mode.describe(),
+            "batch_size_requested": str(job.batch_size),
             "batch_size": speed.batch_size,
             "oom_halvings": speed.oom_halvings,
             "macs": macs,
             "gmacs": macs / 1e9,
-            "tokens_per_block": " ".join(map(str, counts)),
+            "tokens_per_block": " ".join(map(str, counts.ffn)),
+            "attention_tokens_per_block": " ".join(map(str, counts.attention)),
             "img_per_s": speed.img_per_s,
             "img_per_s_min": speed.img_per_s_min,
             "img_per_s_max": speed.img_per_s_max,
             "img_per_s_iqr": speed.img_per_s_iqr,
-            "reference_img_per_s": reference_speed.img_per_s,
-            "speedup": speed.img_per_s / reference_speed.img_per_s,
+            "reference_img_per_s": base.img_per_s,
+            "speedup": speed.img_per_s / base.img_per_s,
+            "floor_img_per_s": floor.img_per_s,
+            "floor_speedup": floor.img_per_s / base.img_per_s,
             "checkpoint": self.sweep.checkpoint_for(job.method) or "",
             "device_name": speed.device_name,
             "protocol": json.dumps(speed.protocol, sort_keys=True, default=str),
@@ -227,9 +300,12 @@ class Sweeper:
     def accuracy(self, model: nn.Module, resolution: int) -> dict[str, Any]:
         if self.sweep.data is None:
             return {"top1": None, "top5": None, "images": 0, "skipped": 0}
-        batch = self.sweep.batch_size or 64
         result = evaluate(
-            model, self.dataset(model, resolution), batch_size=batch, device=self.device, precision=self.sweep.precision
+            model,
+            self.dataset(model, resolution),
+            batch_size=EVAL_BATCH,
+            device=self.device,
+            precision=self.sweep.precision,
         )
         return {"top1": result.top1, "top5": result.top5, "images": result.images, "skipped": result.skipped}
 
@@ -259,15 +335,15 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
 
 
 def preflight(sweep: SweepConfig) -> None:
-    """Build the model at every resolution and every method with its checkpoint once, on CPU, so that
-    a bad model name, resolution, option or checkpoint fails before anything is measured or written."""
-    for resolution in sweep.resolutions[1:]:
-        create_model(sweep.model, img_size=resolution)
-    resolution = sweep.resolutions[0]
-    for name in dict.fromkeys((REFERENCE, *sweep.methods)):
-        job = (
-            sweep.reference_job(resolution)
-            if name == REFERENCE
-            else Job(name, sweep.keep_rates[0], resolution, dict(sweep.method_args.get(name, {})))
-        )
-        build_model(sweep, job, "cpu")
+    """Build every model at every resolution and every method with its checkpoint once, on CPU, so
+    that a bad model name, resolution, option or checkpoint fails before anything is measured or
+    written. Models are built on the meta device where no weights are loaded: only shapes matter."""
+    for model in sweep.models:
+        for resolution in sweep.resolutions[1:]:
+            with torch.device("meta"):
+                create_model(model, img_size=resolution)
+        resolution = sweep.resolutions[0]
+        for name in dict.fromkeys((REFERENCE, *sweep.methods)):
+            options = dict(sweep.method_args.get(name, {}))
+            keep_rate = 1.0 if name == REFERENCE else sweep.keep_rates[0]
+            build_model(sweep, Job(model, name, keep_rate, resolution, SEARCHED, options), "cpu")

@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from methods.config import ReductionConfig
+from methods.errors import UntrainedWeightsWarning
 from methods.registry import register
 from methods.timm_compat import num_prefix_tokens, require_stock_blocks
 from methods.token_ops import gather_tokens, split_prefix, top_k_indices
@@ -153,6 +154,6 @@ def apply_dynamicvit(model: VisionTransformer, config: DynamicViTConfig) -> None
     warnings.warn(
         "dynamicvit: the score predictors are untrained (random init), so the tokens kept are arbitrary and "
         "accuracy is meaningless until a DynamicViT checkpoint is loaded with methods.load_checkpoint",
-        UserWarning,
+        UntrainedWeightsWarning,
         stacklevel=3,
     )

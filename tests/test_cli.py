@@ -6,14 +6,16 @@ import json
 
 import pandas as pd
 import pytest
+import timm
 from click.testing import CliRunner
 
 import methods
 from bench import cli
 from harness import sweep as sweep_module
+from tests.test_accuracy import noise_tree
 
-FAST = ["--model", "deit_tiny_patch16_224", "--resolutions", "64", "--device", "cpu", "--batch-size", "2"]
-FAST += ["--warmup", "0", "--iters", "1", "--windows", "2", "--quiet"]
+TIMING = ["--resolutions", "64", "--device", "cpu", "--warmup", "0", "--iters", "1", "--windows", "2", "--quiet"]
+FAST = ["--model", "deit_tiny_patch16_224", "--batch-size", "2", *TIMING]
 
 
 def invoke(*args: str):
@@ -77,20 +79,26 @@ def test_report_compares_against_vanilla(small_run):
     assert "| prune" in (small_run / "report.md").read_text() and "64x64" in result.output
 
 
-def test_plot_has_one_line_per_method(small_run):
-    from harness.plot import trade_off_figure
+def test_plot_has_one_line_per_method_and_the_ideal_beside_throughput(small_run):
+    from harness.plot import IDEAL_LABEL, trade_off_figure
     from harness.records import read_records
 
     result = invoke("plot", str(small_run))
     assert result.exit_code == 0
     for suffix in ("png", "svg"):
         assert (small_run / f"tradeoff_64.{suffix}").stat().st_size > 1000
-    figure = trade_off_figure(read_records(small_run))
-    for ax in figure.axes:
-        lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 0]
+    records = read_records(small_run)
+    figure = trade_off_figure(records)
+    panels = {(ax.get_xlabel(), ax.get_ylabel()): ax for ax in figure.axes}
+    assert set(panels) == {("keep rate", "throughput (img/s)"), ("keep rate", "GMACs"), ("GMACs", "throughput (img/s)")}
+    for ax in panels.values():
+        lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 2]
         assert len(lines) == 2  # evit and prune, each across its two keep rates
-        assert all(len(line.get_xdata()) == 2 for line in lines)
-        assert ax.get_xlabel() == "keep rate"
+    ideal = [line for line in panels["GMACs", "throughput (img/s)"].get_lines() if line.get_label() == IDEAL_LABEL]
+    vanilla = records[records["method"] == "vanilla"].iloc[0]
+    x, y = ideal[0].get_xdata(), ideal[0].get_ydata()
+    assert y[x.argmax()] == pytest.approx(vanilla["img_per_s"])  # at vanilla's GMACs, vanilla's img/s
+    assert y[x.argmin()] == pytest.approx(vanilla["img_per_s"] * vanilla["gmacs"] / records["gmacs"].min())
 
 
 def test_rerun_resumes_without_redoing_rows(small_run, monkeypatch):
@@ -191,6 +199,115 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, args, message):
     assert not (out / "records.csv").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-sizes", "0"], "comma-separated list of batch sizes (ints >= 1, or max)"),
+        (["--batch-sizes", "2,abc"], "comma-separated list of batch sizes (ints >= 1, or max)"),
+        (["--batch-sizes", "2,max"], "batch size max (searched) is for GPUs; on CPU give ints >= 1"),
+        (["--batch-size", "0"], "expected a batch size (an int >= 1, or max)"),
+        (["--batch-size", "2", "--batch-sizes", "2,4"], "give batch_size or batch_sizes, not both"),
+        (["--models", "deit_tiny_patch16_224,no_such_vit"], "timm has no model 'no_such_vit'"),
+        (["--model", "deit_tiny_patch16_224", "--models", "vit_tiny_patch16_224"], "give model or models, not both"),
+        (["--cuda-graphs"], "CUDA graphs need a CUDA device; on CPU run without --cuda-graphs"),
+        (["--model-dtype", "fp16"], "fp16 weights do not run on CPU; allowed on CPU: fp32, bf16"),
+        (["--precision", "bf16", "--model-dtype", "bf16"], "precision bf16 (autocast) and model dtype bf16 (weights)"),
+    ],
+)
+def test_bad_axes_and_modes_are_one_clear_line_and_exit_code_2(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", *TIMING, "--methods", "evit", "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())  # Click may wrap a long line
+    assert "Traceback" not in result.output and not out.exists()
+
+
+AXES = ["--models", "deit_tiny_patch16_224,vit_tiny_patch16_224", "--methods", "evit", "--keep-rates", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def axes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("axes")
+    result = invoke("run", *TIMING, *AXES, "--batch-sizes", "1,2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_models_and_batch_sizes_are_axes_each_group_led_by_its_reference(axes_run):
+    records = pd.read_csv(axes_run / "records.csv")
+    groups = [(m, b) for m in ("deit_tiny_patch16_224", "vit_tiny_patch16_224") for b in (1, 2)]
+    assert list(zip(records["model"], records["batch_size"], records["method"])) == [
+        (model, batch, method) for model, batch in groups for method in ("vanilla", "evit")
+    ]
+    assert records["config_key"].nunique() == len(records) == 8
+    assert (records["floor_img_per_s"] > 0).all() and (records["floor_speedup"] > 0).all()
+    vanilla = records[records["method"] == "vanilla"]
+    assert (vanilla["floor_speedup"] == 1.0).all() and (vanilla["speedup"] == 1.0).all()
+    evit = records[records["method"] == "evit"]
+    assert (evit["speedup"] == evit["img_per_s"] / evit["reference_img_per_s"]).all()
+    assert (evit["floor_speedup"] == evit["floor_img_per_s"] / evit["reference_img_per_s"]).all()
+    assert set(records["mode"]) == {"fp32 weights, eager"} and set(records["model_dtype"]) == {"fp32"}
+    assert set(records["batch_size_requested"].astype(str)) == {"1", "2"}
+
+
+def test_the_resume_key_holds_model_and_batch_size(axes_run, monkeypatch):
+    measured = []
+    original = sweep_module.Sweeper.measure
+    monkeypatch.setattr(sweep_module.Sweeper, "measure", lambda self, job: measured.append(job) or original(self, job))
+    result = invoke("run", *TIMING, *AXES, "--batch-sizes", "1,2,4", "--out", str(axes_run))
+    assert result.exit_code == 0, result.output
+    assert sorted((job.model, job.batch_size, job.method) for job in measured) == [
+        (model, 4, method)
+        for model in ("deit_tiny_patch16_224", "vit_tiny_patch16_224")
+        for method in ("evit", "vanilla")
+    ]
+
+
+def test_report_groups_by_model_resolution_batch_and_mode_with_the_floor(axes_run):
+    result = invoke("report", str(axes_run))
+    assert result.exit_code == 0
+    report = pd.read_csv(axes_run / "report.csv")
+    records = pd.read_csv(axes_run / "records.csv")
+    assert "## vit_tiny_patch16_224 at 64x64, batch 2, fp32 weights, eager" in result.output
+    merged = report.merge(records, on=["model", "batch_size", "method"], suffixes=("", "_record"))
+    assert merged["reference_img_per_s"].tolist() == merged["reference_img_per_s_record"].tolist()
+    evit = merged[merged["method"] == "evit"]
+    assert evit["pct_of_floor"].tolist() == pytest.approx((100 * evit["speedup"] / evit["floor_speedup"]).tolist())
+
+
+def test_speedup_against_batch_size_with_the_floor_dashed_and_no_gain_marked(axes_run):
+    from harness.plot import speedup_vs_batch_figure
+
+    result = invoke("plot", str(axes_run))
+    assert result.exit_code == 0, result.output
+    for model in ("deit_tiny_patch16_224", "vit_tiny_patch16_224"):
+        assert (axes_run / f"speedup_vs_batch_{model}_64.png").stat().st_size > 1000
+        assert (axes_run / f"tradeoff_{model}_64_b1.png").is_file()
+    records = pd.read_csv(axes_run / "records.csv")
+    ax = speedup_vs_batch_figure(records[records["model"] == "vit_tiny_patch16_224"]).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["evit 0.5 floor"].get_linestyle() == "--" and lines["evit 0.5"].get_linestyle() == "-"
+    assert sorted(lines["evit 0.5"].get_xdata()) == [1, 2, 4] and ax.get_xscale() == "log"
+    assert list(lines["vanilla (no gain)"].get_ydata()) == [1.0, 1.0]
+
+
+def test_bf16_weights_on_cpu_are_recorded_as_the_mode(tmp_path):
+    result = run(tmp_path, "--methods", "prune", "--keep-rates", "0.7", "--model-dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    records = pd.read_csv(tmp_path / "records.csv")
+    assert set(records["model_dtype"]) == {"bf16"} and set(records["mode"]) == {"bf16 weights, eager"}
+    assert json.loads(records["protocol"].iloc[1])["model_dtype"] == "bf16"
+
+
+def test_yaml_takes_the_list_forms_of_models_and_batch_sizes(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("models: [vit_tiny_patch16_224]\nbatch_sizes: [1, 2]\nmethods: [prune]\nkeep_rates: [0.7]\n")
+    result = invoke("run", *TIMING, "--config", str(config), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    records = pd.read_csv(tmp_path / "out" / "records.csv")
+    assert set(records["model"]) == {"vit_tiny_patch16_224"} and sorted(set(records["batch_size"])) == [1, 2]
+
+
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -204,17 +321,17 @@ def test_viz_draws_one_figure_per_image_and_method(tmp_path):
     photo = tmp_path / "wide.png"
     Image.new("RGB", (300, 200), "teal").save(photo)
     args = ["viz", str(photo), "--model", "deit_tiny_patch16_224", "--methods", "evit,prune", "--out", str(tmp_path)]
-    with pytest.warns(UserWarning, match="random weights"):
-        result = invoke(*args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
+    assert "warning: evit: no checkpoint, so deit_tiny_patch16_224 has random weights" in result.output
     for method in ("evit", "prune"):
         assert (tmp_path / f"wide_{method}.png").stat().st_size > 1000
 
 
 def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
-    with pytest.warns(UserWarning, match="random weights"):
-        result = invoke("viz", "--model", "deit_tiny_patch16_224", "--methods", "prune", "--out", str(tmp_path))
+    result = invoke("viz", "--model", "deit_tiny_patch16_224", "--methods", "prune", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
+    assert "random weights" in result.output
     assert (tmp_path / "grace_hopper_prune.png").is_file()
 
 
@@ -231,20 +348,36 @@ def test_viz_bad_input(tmp_path, args, message):
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_each_warning_is_shown_once_per_command(tmp_path):
-    """fvcore's tracing makes Python forget shown warnings; the CLI still shows each one once."""
-    import warnings
+@pytest.mark.filterwarnings("default:dynamicvit:UserWarning")  # pyproject ignores it elsewhere
+def test_warnings_are_one_plain_line_each_shown_once_per_command(tmp_path):
+    """fvcore's tracing makes Python forget shown warnings; the CLI still shows each one once, as
+    `warning: MESSAGE`, without Python's file:line prefix and source line."""
+    result = run(tmp_path / "out", "--methods", "dynamicvit", "--keep-rates", "0.5,0.7", *labelled_data(tmp_path))
+    assert result.exit_code == 0, result.output
+    untrained = [line for line in result.output.splitlines() if "predictors are untrained" in line]
+    assert len(untrained) == 1
+    assert untrained[0].startswith("warning: dynamicvit: the score predictors are untrained")
+    assert "UserWarning" not in result.output and ".py:" not in result.output
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert run(tmp_path, "--methods", "dynamicvit", "--keep-rates", "0.5,0.7").exit_code == 0
-    assert len([w for w in caught if "predictors are untrained" in str(w.message)]) == 1
+
+@pytest.mark.filterwarnings("default:dynamicvit:UserWarning")
+def test_library_callers_keep_pythons_warnings():
+    with pytest.warns(UserWarning, match="predictors are untrained"):
+        methods.apply(timm.create_model("deit_tiny_patch16_224"), "dynamicvit")
 
 
+@pytest.mark.filterwarnings("default:dynamicvit:UserWarning")
+def test_a_throughput_only_sweep_does_not_warn_of_untrained_predictors(tmp_path):
+    """Which tokens are kept does not change the timing: the warning is for accuracy (and pictures)."""
+    result = run(tmp_path, "--methods", "dynamicvit", "--keep-rates", "0.7")
+    assert result.exit_code == 0, result.output
+    assert "predictors are untrained" not in result.output
+
+
+@pytest.mark.filterwarnings("default:dynamicvit:UserWarning")
 def test_no_untrained_warning_when_a_dynamicvit_checkpoint_is_loaded(tmp_path):
     import warnings
 
-    import timm
     import torch
 
     model = timm.create_model("deit_tiny_patch16_224", img_size=64)
@@ -252,16 +385,17 @@ def test_no_untrained_warning_when_a_dynamicvit_checkpoint_is_loaded(tmp_path):
         warnings.simplefilter("ignore")
         weights = methods.apply(model, "dynamicvit").state_dict()
     torch.save({"model": weights}, tmp_path / "dynamicvit.pth")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        args = [
-            "--methods",
-            "dynamicvit",
-            "--keep-rates",
-            "0.7",
-            "--checkpoint",
-            f"dynamicvit={tmp_path}/dynamicvit.pth",
-        ]
-        result = run(tmp_path / "out", *args)
+    checkpoint = f"dynamicvit={tmp_path}/dynamicvit.pth"
+    args = ["--methods", "dynamicvit", "--keep-rates", "0.7", "--checkpoint", checkpoint, *labelled_data(tmp_path)]
+    result = run(tmp_path / "out", *args)
     assert result.exit_code == 0, result.output
-    assert not [w for w in caught if "predictors are untrained" in str(w.message)]
+    assert "predictors are untrained" not in result.output
+
+
+def labelled_data(tmp_path) -> list[str]:
+    """--data and --labels for a few noise images labelled for a 1000-class model."""
+    root = noise_tree(tmp_path / "val")
+    labels = tmp_path / "labels.csv"
+    files = sorted(root.glob("*/*.JPEG"))
+    labels.write_text("".join(f"{path.relative_to(root)},{int(path.parent.name[1:])}\n" for path in files))
+    return ["--data", str(root), "--labels", str(labels)]
