@@ -15,6 +15,9 @@ from harness.records import REFERENCE, read_records, write_csv_atomically
 from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
+# Axes added later: a baseline that has them is matched on them too; an older one, written when a run
+# had one batch size and mode, is matched without them.
+OPTIONAL_KEY = ["batch_size_requested", "model_dtype", "cuda_graphs", "compile"]
 BASELINE_COLUMNS = [*KEY, "keep_rate", "speedup"]
 
 
@@ -30,7 +33,20 @@ class CheckResult:
 
 
 def describe(row: pd.Series) -> str:
-    return f"{row['method']} keep={row['keep_rate']:g} @{row['resolution']} {row['device']}/{row['precision']}"
+    batch = f" batch {row['batch_size_requested']}" if "batch_size_requested" in row else ""
+    return f"{row['method']} keep={row['keep_rate']:g} @{row['resolution']}{batch} {row['device']}/{row['precision']}"
+
+
+def key_columns(baseline: pd.DataFrame, measured: pd.DataFrame) -> list[str]:
+    return [*KEY, "keep_rate", *(c for c in OPTIONAL_KEY if c in baseline and c in measured)]
+
+
+def as_key_types(frame: pd.DataFrame) -> pd.DataFrame:
+    """Batch sizes read back as ints or strings ("max") alike; compare them as text."""
+    frame = frame.copy()
+    if "batch_size_requested" in frame:
+        frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
+    return frame
 
 
 def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) -> CheckResult:
@@ -38,9 +54,10 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
         raise TokenBenchError(f"tolerance must be in [0, 1), got {tolerance}")
     if not Path(baseline).is_file():
         raise TokenBenchError(f"no baseline at {baseline}: write one with `bench check RUN --baseline FILE --update`")
-    expected = pd.read_csv(baseline)
-    measured = read_records(run)
-    merged = expected.merge(measured[BASELINE_COLUMNS], on=[*KEY, "keep_rate"], how="left", suffixes=("", "_run"))
+    expected = as_key_types(pd.read_csv(baseline))
+    measured = as_key_types(read_records(run))
+    on = key_columns(expected, measured)
+    merged = expected.merge(measured[[*on, "speedup"]], on=on, how="left", suffixes=("", "_run"))
     merged = merged[merged["method"] != REFERENCE]
     regressions, missing = [], []
     for _, row in merged.iterrows():
@@ -56,7 +73,8 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
 
 def update_baseline(run: str | Path, baseline: str | Path) -> int:
     """Write the run's speedups as the new baseline; returns the number of rows written."""
-    rows = read_records(run)[BASELINE_COLUMNS]
+    records = read_records(run)
+    rows = records[[*BASELINE_COLUMNS, *(c for c in OPTIONAL_KEY if c in records)]]
     path = Path(baseline)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_csv_atomically(rows, path)

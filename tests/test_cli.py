@@ -399,3 +399,17 @@ def labelled_data(tmp_path) -> list[str]:
     files = sorted(root.glob("*/*.JPEG"))
     labels.write_text("".join(f"{path.relative_to(root)},{int(path.parent.name[1:])}\n" for path in files))
     return ["--data", str(root), "--labels", str(labels)]
+
+
+def test_check_matches_each_batch_size_against_its_own_baseline(axes_run, tmp_path):
+    baseline = tmp_path / "baseline.csv"
+    assert invoke("check", str(axes_run), "--baseline", str(baseline), "--update").exit_code == 0
+    planted = pd.read_csv(baseline)
+    assert {"batch_size_requested", "model_dtype", "cuda_graphs"} <= set(planted.columns)
+    row = (planted["method"] == "evit") & (planted["batch_size_requested"] == 1)
+    row &= planted["model"] == "vit_tiny_patch16_224"
+    planted.loc[row, "speedup"] *= 1.5
+    planted.to_csv(baseline, index=False)
+    failed = invoke("check", str(axes_run), "--baseline", str(baseline))
+    regressions = [line for line in failed.output.splitlines() if line.startswith("REGRESSION")]
+    assert failed.exit_code == 1 and len(regressions) == 1 and "evit keep=0.5 @64 batch 1 cpu" in regressions[0]
