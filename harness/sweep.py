@@ -228,6 +228,7 @@ class Sweeper:
         self.device = sweep.device
         self.references: dict[tuple[str, int], nn.Module] = {}
         self.datasets: dict[int, Any] = {}
+        self.counted: dict[str, tuple[float, methods.BlockTokenCounts]] = {}
         self.provenance = provenance(sweep.device)
 
     def reference(self, model: str, resolution: int) -> nn.Module:
@@ -258,8 +259,7 @@ class Sweeper:
     def measure(self, job: Job) -> dict[str, Any]:
         reference = self.reference(job.model, job.resolution)
         model = reference if job.method == REFERENCE else build_model(self.sweep, job, self.device)
-        macs = count_macs(model, job.resolution)
-        counts = methods.block_token_counts(model, job.resolution)
+        macs, counts = self.count(job, model)
         timed = self.throughput(job, model, counts)
         speed, floor, base = timed["method"], timed["floor"], timed["reference"]
         row = {
@@ -296,6 +296,14 @@ class Sweeper:
         row.update(self.accuracy(model, job.resolution))
         row.update(self.provenance)
         return row
+
+    def count(self, job: Job, model: nn.Module) -> tuple[float, methods.BlockTokenCounts]:
+        """MACs and token counts, which depend on the model, method and resolution but not on the batch
+        size or mode: counted once for all batch sizes of a sweep (fvcore's trace takes seconds)."""
+        key = json.dumps([job.model, job.method, config_options(job), job.resolution])
+        if key not in self.counted:
+            self.counted[key] = count_macs(model, job.resolution), methods.block_token_counts(model, job.resolution)
+        return self.counted[key]
 
     def accuracy(self, model: nn.Module, resolution: int) -> dict[str, Any]:
         if self.sweep.data is None:

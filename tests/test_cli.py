@@ -413,3 +413,13 @@ def test_check_matches_each_batch_size_against_its_own_baseline(axes_run, tmp_pa
     failed = invoke("check", str(axes_run), "--baseline", str(baseline))
     regressions = [line for line in failed.output.splitlines() if line.startswith("REGRESSION")]
     assert failed.exit_code == 1 and len(regressions) == 1 and "evit keep=0.5 @64 batch 1 cpu" in regressions[0]
+
+
+def test_macs_are_counted_once_for_all_batch_sizes(tmp_path, monkeypatch):
+    counted = []
+    original = sweep_module.count_macs
+    monkeypatch.setattr(sweep_module, "count_macs", lambda model, size: counted.append(size) or original(model, size))
+    args = ["--model", "deit_tiny_patch16_224", "--methods", "prune", "--keep-rates", "0.7", "--batch-sizes", "1,2,3"]
+    result = invoke("run", *TIMING, *args, "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "records.csv")) == 6 and len(counted) == 2  # vanilla and prune, once each
