@@ -191,7 +191,7 @@ def read_sweep_file(path: str) -> dict[str, Any]:
 )
 @click.option("--warmup", type=click.IntRange(min=0), help="Warm-up iterations.  [default: 1 on CPU, 10 on GPU]")
 @click.option(
-    "--iters", type=click.IntRange(min=1), help="Timed iterations per window.  [default: 2 on CPU, 20 on GPU]"
+    "--iters", type=click.IntRange(min=1), help="Timed iterations per window.  [default: 2 on CPU, 10 on GPU]"
 )
 @click.option("--windows", type=click.IntRange(min=1), help="Timing windows (median over them).  [default: 5]")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
