@@ -80,9 +80,14 @@ class Preprocessing:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] uint8 -> float32 on the pixels' device, bit for bit what ToTensor and Normalize give."""
-        table = self.table.to(pixels.device, non_blocking=True).flatten()  # [3 * 256]
-        offsets = torch.arange(3, dtype=torch.int32, device=pixels.device).view(1, 3, 1, 1) * 256
-        return table[pixels.to(torch.int32) + offsets]
+        return look_up(pixels, self.table.to(pixels.device))
+
+
+def look_up(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table[c, pixels[:, c]] for each channel c: [B, 3, H, W] uint8 and [3, 256] float -> [B, 3, H, W] float."""
+    offsets = torch.arange(3, dtype=torch.int32, device=pixels.device).view(1, 3, 1, 1) * 256
+    index = (pixels.to(torch.int32) + offsets).flatten()  # [B * 3 * H * W] into the flattened table
+    return table.flatten().index_select(0, index).view(pixels.shape)  # index_select: twice [] indexing's speed
 
 
 def preprocessing_for(model: nn.Module, img_size: int | tuple[int, int]) -> Preprocessing:
@@ -123,11 +128,12 @@ class DecodedImages:
         valid = torch.from_numpy(~self.unreadable).to(device)  # [N]
         real = self.dataset.real_labels
         real = None if real is None else pad_real_labels([real[row] for row in self.rows]).to(device)  # [N, K]
+        table = self.preprocessing.table.to(device)  # [3, 256]
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
             pixels = self.pixels[start:stop].to(device, non_blocking=True)  # [B, 3, H, W] uint8
             yield Batch(
-                self.preprocessing.normalize(pixels),
+                look_up(pixels, table),
                 labels[start:stop],
                 valid[start:stop],
                 None if real is None else real[start:stop],
