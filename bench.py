@@ -134,7 +134,8 @@ def list_command() -> None:
 
 SWEEP_KEYS = (
     "model models methods keep_rates resolutions device batch_size batch_sizes precision model_dtype cuda_graphs "
-    "compile warmup iters windows threads data labels_csv limit checkpoints method_args out"
+    "compile warmup iters windows threads data labels_csv limit cache_dir workers class_subset real_labels "
+    "checkpoints method_args out"
 ).split()
 # The one-value forms of list options: `model: X` is `models: [X]`, `batch_size: 8` is `batch_sizes: [8]`.
 SINGULAR = {"model": "models", "batch_size": "batch_sizes"}
@@ -200,6 +201,16 @@ def read_sweep_file(path: str) -> dict[str, Any]:
 )
 @click.option("--labels", "labels_csv", type=click.Path(), help="CSV of filename,label for a flat --data folder.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N of a fixed, seeded subset.")
+@click.option(
+    "--cache-dir", type=click.Path(), help="Where decoded images are kept for reuse.  [default: ~/.cache/tokenbench]"
+)
+@click.option("--workers", type=click.IntRange(min=1), help="Decode threads.  [default: the cores, at most 16]")
+@click.option(
+    "--class-subset",
+    type=click.Choice(["all", "present"]),
+    help="Predict among all classes or only those in the data (ImageNet-A/R).  [default: all]",
+)
+@click.option("--real-labels", type=click.Path(), help="ImageNet-ReaL's real.json: adds top1_real.")
 @click.option("--checkpoint", "checkpoint_args", multiple=True, help="METHOD=PATH, repeatable.")
 @click.option("--method-args", "method_args_args", multiple=True, help="METHOD:key=value[,key=value], repeatable.")
 @click.option("--config", "config_file", type=click.Path(), help="A YAML sweep file; options override it.")

@@ -1,9 +1,10 @@
 """ImageNet-style evaluation data: a folder of class sub-folders, or a flat folder with a labels CSV.
 
-Class indices follow torchvision's ImageFolder: sorted sub-folder names (ImageNet's synsets) give
-0..K-1; hidden folders (a stray `.ipynb_checkpoints`) are not classes. An image that cannot be read
-is skipped and counted, never fatal: the dataset yields None for it and `collate_readable` drops it
-from the batch and says how many it dropped, which works with DataLoader workers too.
+Class folder names give class indices by the rules of `harness.labels` (ImageNet synsets, integer
+indices, else sorted order); hidden folders (a stray `.ipynb_checkpoints`) are not classes. An image
+that cannot be read is skipped and counted, never fatal: the dataset yields None for it and
+`collate_readable` drops it from the batch and says how many it dropped, which works with DataLoader
+workers too. `harness.decode_cache` decodes a dataset once for every configuration of a sweep.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -19,6 +21,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from harness.labels import folder_labels, read_real_labels
 from methods.errors import TokenBenchError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
@@ -27,16 +30,40 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  #
 Sample = tuple[Path, int]
 
 
+class Batch(NamedTuple):
+    """One batch on the evaluation device: what scoring needs."""
+
+    images: torch.Tensor | None  # [B, 3, H, W] float, normalised; None when no image was readable
+    labels: torch.Tensor  # [B]
+    valid: torch.Tensor | None  # [B] bool: which rows hold a readable image (None: all)
+    real: torch.Tensor | None  # [B, K] ImageNet-ReaL classes padded with -1, or None without ReaL labels
+    skipped: int  # unreadable images in the batch
+
+
 class ImageDataset(Dataset):
     """(path, label) samples read as RGB and transformed; an unreadable file gives None.
 
-    classes: the class folder names, index = label (None for the CSV layout).
+    classes: the class folder names (None for the CSV layout); label_source: the rule that gave the
+    labels (`harness.labels.LABEL_SOURCES`); present_classes: the labels of the whole folder, before
+    any `limit`; real_labels: ImageNet-ReaL's accepted classes per sample, or None.
     """
 
-    def __init__(self, samples: list[Sample], transform: Callable | None, classes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable | None,
+        classes: list[str] | None = None,
+        *,
+        label_source: str = "sorted",
+        present_classes: tuple[int, ...] | None = None,
+        real_labels: list[tuple[int, ...]] | None = None,
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.classes = classes
+        self.label_source = label_source
+        self.present_classes = present_classes or tuple(sorted({label for _, label in samples}))
+        self.real_labels = real_labels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,20 +95,26 @@ def load_imagenet_folder(
     labels_csv: str | Path | None = None,
     limit: int | None = None,
     seed: int = 0,
+    real_labels: str | Path | None = None,
 ) -> ImageDataset:
     """The images under `root`, labelled by class folder or by `labels_csv` (`filename,label` rows,
     filenames relative to `root`, an optional header). `limit`: only the first `limit` images of a
-    permutation fixed by `seed` and the file names, so every run and machine takes the same subset."""
+    permutation fixed by `seed` and the file names, so every run and machine takes the same subset.
+    `real_labels`: ImageNet-ReaL's JSON file, one entry per image of the whole folder."""
     root = Path(root)
     if not root.is_dir():
         raise TokenBenchError(f"image folder {root} does not exist or is not a folder")
     if labels_csv is None:
-        samples, classes = folder_samples(root)
+        samples, classes, source = folder_samples(root)
     else:
-        samples, classes = csv_samples(root, Path(labels_csv)), None
+        samples, classes, source = csv_samples(root, Path(labels_csv)), None, "csv"
+    present = tuple(sorted({label for _, label in samples}))
+    real = None if real_labels is None else real_labels_by_sample(samples, read_real_labels(real_labels, len(samples)))
     if limit is not None:
-        samples = seeded_subset(samples, root, limit, seed)
-    return ImageDataset(samples, transform, classes)
+        chosen = seeded_indices(samples, root, limit, seed)
+        samples = [samples[i] for i in chosen]
+        real = None if real is None else [real[i] for i in chosen]
+    return ImageDataset(samples, transform, classes, label_source=source, present_classes=present, real_labels=real)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -92,22 +125,19 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def folder_samples(root: Path) -> tuple[list[Sample], list[str]]:
-    """The images under each class folder, labelled by the folder's position in sorted order."""
+def folder_samples(root: Path) -> tuple[list[Sample], list[str], str]:
+    """The images under each class folder (folders in sorted order), labelled by `folder_labels`,
+    and the label rule used."""
     classes = class_folders(root)
     if not classes:
         raise TokenBenchError(
             f"{root} has no class sub-folders; for a flat folder of images give a labels CSV (filename,label)"
         )
-    samples = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if is_image(path)
-    ]
+    labels, source = folder_labels(classes)
+    samples = [(path, labels[name]) for name in classes for path in sorted((root / name).rglob("*")) if is_image(path)]
     if not samples:
         raise TokenBenchError(f"the class folders of {root} hold no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return samples, classes
+    return samples, classes, source
 
 
 def csv_samples(root: Path, labels_csv: Path) -> list[Sample]:
@@ -136,8 +166,17 @@ def parse_label(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def seeded_subset(samples: list[Sample], root: Path, limit: int, seed: int) -> list[Sample]:
-    """The first `limit` samples in the order of sha256(seed, relative path), kept in their own order.
+def real_labels_by_sample(samples: list[Sample], real: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """ReaL's entries (in sorted file-name order) rearranged to follow `samples`."""
+    by_name = sorted(range(len(samples)), key=lambda i: (samples[i][0].name, samples[i][0].as_posix()))
+    aligned: list[tuple[int, ...]] = [()] * len(samples)
+    for position, index in enumerate(by_name):
+        aligned[index] = real[position]
+    return aligned
+
+
+def seeded_indices(samples: list[Sample], root: Path, limit: int, seed: int) -> list[int]:
+    """The positions of the first `limit` samples in the order of sha256(seed, relative path), ascending.
 
     Hashing names rather than shuffling positions makes the subset independent of listing order and
     of Python's or torch's random generators; a larger limit takes a superset.
@@ -150,8 +189,7 @@ def seeded_subset(samples: list[Sample], root: Path, limit: int, seed: int) -> l
         name = (path.relative_to(root) if path.is_relative_to(root) else path).as_posix()
         return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
 
-    chosen = sorted(sorted(range(len(samples)), key=rank)[:limit])
-    return [samples[i] for i in chosen]
+    return sorted(sorted(range(len(samples)), key=rank)[:limit])
 
 
 def eval_config(model: nn.Module, img_size: int | tuple[int, int]) -> dict:

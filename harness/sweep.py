@@ -16,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 import methods
-from harness.accuracy import evaluate
-from harness.data import eval_transform, load_imagenet_folder
+from harness.accuracy import NO_DATA_COLUMNS, accuracy_columns
+from harness.decode_cache import check_data_options, decode_for_model, preprocessing_for
 from harness.distributed import from_main_process
 from harness.macs import count_macs
 from harness.models import create_model
@@ -36,7 +36,7 @@ TIMING_DEFAULTS = {
 }
 DEFAULT_BATCH_SIZES = {"cpu": (8,), "cuda": (256,)}
 SEARCHED = "max"  # the batch size searched on GPU: the largest power of two that fits
-EVAL_BATCH = 64  # images per batch for accuracy: it does not change top-1
+EVAL_BATCH = {"cpu": 64, "cuda": 256}  # images per batch for accuracy: it does not change top-1
 
 BatchSize = int | str
 
@@ -82,6 +82,10 @@ class SweepConfig:
     data: str | None = None
     labels_csv: str | None = None
     limit: int | None = None
+    cache_dir: str | None = None
+    workers: int | None = None
+    class_subset: str = "all"
+    real_labels: str | None = None
     checkpoints: Mapping[str, str] = field(default_factory=dict)
     method_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -110,6 +114,9 @@ class SweepConfig:
                 raise TokenBenchError(f"checkpoint for {name} not found: {path}")
         if self.data is not None and not Path(self.data).is_dir():
             raise TokenBenchError(f"data folder not found: {self.data}")
+        check_data_options(
+            self.data, self.labels_csv, self.limit, self.real_labels, self.cache_dir, self.workers, self.class_subset
+        )
         for job in self.jobs():
             job.make_config()  # every method option is checked before anything runs
 
@@ -187,6 +194,9 @@ def config_key(sweep: SweepConfig, job: Job) -> str:
             "compile": sweep.compile,
             "data": sweep.data,
             "limit": sweep.limit,
+            "labels_csv": sweep.labels_csv,
+            "class_subset": sweep.class_subset,
+            "real_labels": sweep.real_labels,
             "checkpoint": sweep.checkpoint_for(job.method),
         },
         sort_keys=True,
@@ -223,11 +233,12 @@ def pending_jobs(sweep: SweepConfig, store: RunStore) -> list[Job]:
 class Sweeper:
     """Measures the rows of one sweep, keeping per (model, resolution) the reference model and the dataset."""
 
-    def __init__(self, sweep: SweepConfig) -> None:
+    def __init__(self, sweep: SweepConfig, progress: bool = True) -> None:
         self.sweep = sweep
         self.device = sweep.device
+        self.progress = progress
         self.references: dict[tuple[str, int], nn.Module] = {}
-        self.datasets: dict[int, Any] = {}
+        self.datasets: dict[Any, Any] = {}
         self.counted: dict[str, tuple[float, methods.BlockTokenCounts]] = {}
         self.provenance = provenance(sweep.device)
 
@@ -238,12 +249,23 @@ class Sweeper:
         return self.references[model, resolution]
 
     def dataset(self, model: nn.Module, resolution: int) -> Any:
-        if resolution not in self.datasets:
-            transform = eval_transform(model, resolution)
-            self.datasets[resolution] = load_imagenet_folder(
-                self.sweep.data, transform, labels_csv=self.sweep.labels_csv, limit=self.sweep.limit
+        """The images decoded once per preprocessing (the model's at `resolution`), for every row."""
+        key = preprocessing_for(model, resolution)
+        if key not in self.datasets:
+            sweep = self.sweep
+            self.datasets[key] = decode_for_model(
+                model,
+                resolution,
+                sweep.data,
+                labels_csv=sweep.labels_csv,
+                limit=sweep.limit,
+                real_labels=sweep.real_labels,
+                cache_dir=sweep.cache_dir,
+                workers=sweep.workers,
+                device=self.device,
+                progress=self.progress,
             )
-        return self.datasets[resolution]
+        return self.datasets[key]
 
     def throughput(self, job: Job, model: nn.Module, counts: methods.BlockTokenCounts) -> dict[str, Any]:
         """The model's throughput, its floor twin's and the reference's, timed interleaved (A B C A B C)
@@ -307,15 +329,16 @@ class Sweeper:
 
     def accuracy(self, model: nn.Module, resolution: int) -> dict[str, Any]:
         if self.sweep.data is None:
-            return {"top1": None, "top5": None, "images": 0, "skipped": 0}
-        result = evaluate(
+            return dict(NO_DATA_COLUMNS)
+        return accuracy_columns(
             model,
             self.dataset(model, resolution),
-            batch_size=EVAL_BATCH,
+            batch_size=EVAL_BATCH["cpu" if self.device == "cpu" else "cuda"],
             device=self.device,
             precision=self.sweep.precision,
+            model_dtype=self.sweep.model_dtype,
+            class_subset=self.sweep.class_subset,
         )
-        return {"top1": result.top1, "top5": result.top5, "images": result.images, "skipped": result.skipped}
 
 
 def config_options(job: Job) -> dict[str, Any]:
@@ -331,7 +354,7 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
     todo = from_main_process(pending_jobs(sweep, store) if store is not None else sweep.jobs())
     if sweep.data is not None and not sweep.checkpoints:
         warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
-    sweeper = Sweeper(sweep)
+    sweeper = Sweeper(sweep, progress=progress)
     bar = tqdm(todo, unit="config", disable=not progress, dynamic_ncols=True)
     for job in bar:
         bar.set_postfix_str(job.label())

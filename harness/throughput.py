@@ -125,19 +125,9 @@ def check_device_dtype(device: str, model_dtype: str) -> None:
         raise TokenBenchError(f"{device_name(device)} has no bf16; use fp16 or fp32")
 
 
-def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to fp16/bf16, or nothing for fp32."""
-    return ExecutionMode(device=device, precision=precision).autocast()
-
-
 def synchronize(device: str) -> None:
     if device != "cpu":
         torch.cuda.synchronize(torch.device(device))
-
-
-def prepared_for_inference(model: nn.Module, device: str) -> contextlib.AbstractContextManager[nn.Module]:
-    """The model in eval mode on `device`; afterwards each module's mode and tensors are restored."""
-    return cast_for_inference(model, device)
 
 
 @contextlib.contextmanager

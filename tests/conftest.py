@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import timm
@@ -33,6 +34,18 @@ def tiny_vit(**kwargs) -> VisionTransformer:
     args = dict(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=4, num_classes=10)
     args.update(kwargs)
     return peaked_attention(VisionTransformer(**args))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_decode_cache(tmp_path_factory):
+    """Sweeps with --data keep decoded images in $XDG_CACHE_HOME/tokenbench: the tests' go to a temporary folder."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
 
 
 @pytest.fixture

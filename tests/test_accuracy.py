@@ -1,4 +1,7 @@
-"""evaluate against the same predictions counted by hand on the same transformed images."""
+"""evaluate, from decoded images and from a dataset, against the predictions counted by hand on the
+same transformed images."""
+
+import json
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ from PIL import Image
 
 from harness.accuracy import evaluate
 from harness.data import eval_transform, load_imagenet_folder
+from harness.decode_cache import Preprocessing, decode
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 
@@ -27,21 +31,34 @@ def noise_tree(root, classes=CLASSES, per_class=4, corrupt=True, seed=0):
     return root
 
 
-def counted_by_hand(model, dataset):
-    """Top-1 and top-5 hits of `model` on every readable image, one image at a time."""
-    top1 = top5 = images = 0
+def logits_by_hand(model, dataset):
+    """(sample index, label, logits) of `model` for every readable image, one image at a time."""
+    found = []
     with torch.no_grad():
-        for path, label in dataset.samples:
+        for index, (path, label) in enumerate(dataset.samples):
             try:
                 image = Image.open(path).convert("RGB")
             except OSError:
                 continue
-            logits = model(dataset.transform(image)[None])[0]
-            ranking = torch.argsort(logits, descending=True)
-            top1 += int(ranking[0] == label)
-            top5 += int(label in ranking[:5].tolist())
-            images += 1
+            found.append((index, label, model(dataset.transform(image)[None])[0]))
+    return found
+
+
+def counted_by_hand(model, dataset, classes=None):
+    """Top-1 and top-5 hits of `model` on every readable image, predicting among `classes` (default: all)."""
+    top1 = top5 = images = 0
+    for _, label, logits in logits_by_hand(model, dataset):
+        allowed = torch.tensor(classes if classes is not None else range(len(logits)))
+        ranking = allowed[torch.argsort(logits[allowed], descending=True)]
+        top1 += int(ranking[0] == label)
+        top5 += int(label in ranking[:5].tolist())
+        images += 1
     return top1, top5, images
+
+
+def decoded(dataset):
+    """`dataset` decoded once, in memory: what evaluate gets in a sweep."""
+    return decode(dataset, range(len(dataset)), Preprocessing.of(dataset.transform))
 
 
 @pytest.fixture
@@ -49,13 +66,19 @@ def model():
     return tiny_vit(num_classes=CLASSES)
 
 
-@pytest.fixture
-def dataset(tmp_path, model):
-    return load_imagenet_folder(noise_tree(tmp_path), eval_transform(model, 64))
+@pytest.fixture(params=["dataset", "decoded"])
+def dataset(request, tmp_path, model):
+    """The same images through a DataLoader and decoded once; `.dataset` is the ImageDataset either way."""
+    images = load_imagenet_folder(noise_tree(tmp_path), eval_transform(model, 64))
+    return images if request.param == "dataset" else decoded(images)
+
+
+def samples_of(data):
+    return getattr(data, "dataset", data)
 
 
 def test_accuracy_equals_the_predictions_counted_by_hand(model, dataset):
-    top1, top5, images = counted_by_hand(model, dataset)
+    top1, top5, images = counted_by_hand(model, samples_of(dataset))
     result = evaluate(model, dataset, batch_size=5)
     assert (result.images, result.skipped) == (images, 1) == (24, 1)
     assert result.top1 == pytest.approx(100 * top1 / images)
@@ -65,6 +88,48 @@ def test_accuracy_equals_the_predictions_counted_by_hand(model, dataset):
 
 def test_batch_size_and_workers_do_not_change_the_result(model, dataset):
     assert evaluate(model, dataset, batch_size=64) == evaluate(model, dataset, batch_size=3, workers=2)
+
+
+def test_class_subset_present_predicts_among_the_classes_in_the_data(tmp_path):
+    """ImageNet-A/R style: three integer folders of a ten-class model, the argmax over those three logits."""
+    model = tiny_vit(num_classes=10)
+    root = noise_tree(tmp_path, classes=3, per_class=6, corrupt=False)
+    for folder, index in zip(sorted(root.iterdir()), ["1", "4", "7"]):
+        folder.rename(root / index)
+    dataset = load_imagenet_folder(root, eval_transform(model, 64))
+    present, everything = counted_by_hand(model, dataset, [1, 4, 7]), counted_by_hand(model, dataset)
+    assert present[0] != everything[0]  # the subset changes what is counted
+    for data in (dataset, decoded(dataset)):
+        for subset, (top1, top5, images) in [("present", present), ("all", everything)]:
+            result = evaluate(model, data, batch_size=5, class_subset=subset)
+            assert (result.top1, result.top5) == pytest.approx((100 * top1 / images, 100 * top5 / images))
+    assert present[1] == present[2]  # top-5 of three classes holds every label
+
+
+def test_real_top1_counts_the_images_with_real_labels(tmp_path, model):
+    """A hand-made ReaL file: the top prediction accepted, refused, or no labels (left out)."""
+    root = noise_tree(tmp_path / "val", per_class=3, corrupt=False)
+    for k, path in enumerate(sorted(root.rglob("*.JPEG"))):
+        path.rename(path.with_name(f"val_{7 * k % 18:02d}.JPEG"))  # file-name order differs from folder order
+    dataset = load_imagenet_folder(root, eval_transform(model, 64))
+    top = {index: int(logits.argmax()) for index, _, logits in logits_by_hand(model, dataset)}
+    by_name = sorted(range(len(dataset.samples)), key=lambda i: dataset.samples[i][0].name)
+
+    def entry(rank, index):  # accepted, no labels (left out), refused, in turn along file-name order
+        return [[top[index], 5], [], [(top[index] + 1) % CLASSES]][rank % 3]
+
+    real = [entry(rank, index) for rank, index in enumerate(by_name)]
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    dataset = load_imagenet_folder(root, eval_transform(model, 64), real_labels=tmp_path / "real.json")
+    for data in (dataset, decoded(dataset)):
+        result = evaluate(model, data, batch_size=4)
+        assert (result.real_images, result.top1_real) == (12, pytest.approx(50.0))
+        assert result.images == 18
+
+
+def test_unknown_class_subset(model, dataset):
+    with pytest.raises(TokenBenchError, match="unknown class subset 'some'; allowed: all, present"):
+        evaluate(model, dataset, class_subset="some")
 
 
 def test_mode_is_restored(model, dataset):
@@ -80,25 +145,36 @@ def test_bf16_evaluates_every_image(model, dataset):
     assert (result.images, result.skipped) == (24, 1)
 
 
+def test_bf16_weights_evaluate_in_bf16_and_leave_the_model_as_it_was(model, dataset):
+    dtypes = []
+    hook = model.head.register_forward_hook(lambda _m, _args, out: dtypes.append(out.dtype))
+    result = evaluate(model, dataset, batch_size=4, model_dtype="bf16")
+    hook.remove()
+    assert result.images == len(dataset) - 1 and set(dtypes) == {torch.bfloat16}  # the corrupt image skipped
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_fewer_than_five_classes_makes_top5_everything(tmp_path):
     model = tiny_vit(num_classes=3)
     dataset = load_imagenet_folder(noise_tree(tmp_path, classes=3, corrupt=False), eval_transform(model, 64))
-    assert evaluate(model, dataset).top5 == 100
+    assert evaluate(model, dataset).top5 == evaluate(model, decoded(dataset)).top5 == 100
 
 
 def test_class_folders_must_match_the_model_classes(tmp_path):
     model = tiny_vit(num_classes=10)
     dataset = load_imagenet_folder(noise_tree(tmp_path), eval_transform(model, 64))
-    with pytest.raises(TokenBenchError, match="has 6 class folders but the model predicts 10 classes"):
-        evaluate(model, dataset)
+    for data in (dataset, decoded(dataset)):
+        with pytest.raises(TokenBenchError, match="has 6 class folders but the model predicts 10 classes"):
+            evaluate(model, data)
 
 
 def test_a_label_beyond_the_model_classes(tmp_path, model):
     noise_tree(tmp_path / "val", corrupt=False)
     (tmp_path / "labels.csv").write_text("n00000000/img_0.JPEG,1\nn00000000/img_1.JPEG,6\n")
     dataset = load_imagenet_folder(tmp_path / "val", eval_transform(model, 64), labels_csv=tmp_path / "labels.csv")
-    with pytest.raises(TokenBenchError, match="1 of 2 images have a label out of range: the model predicts 6 classes"):
-        evaluate(model, dataset)
+    for data in (dataset, decoded(dataset)):
+        with pytest.raises(TokenBenchError, match="1 of 2 images have a label out of range: the model predicts 6"):
+            evaluate(model, data)
 
 
 def test_nothing_readable_is_a_clear_error(tmp_path, model):
@@ -106,8 +182,9 @@ def test_nothing_readable_is_a_clear_error(tmp_path, model):
     (tmp_path / "n00000000" / "bad.JPEG").write_bytes(b"garbage")
     dataset = load_imagenet_folder(tmp_path, eval_transform(model, 64))
     dataset.classes = None  # one folder for a 6-class model: only the unreadable image is under test
-    with pytest.raises(TokenBenchError, match="no image could be evaluated: 1 unreadable"):
-        evaluate(model, dataset)
+    for data in (dataset, decoded(dataset)):
+        with pytest.raises(TokenBenchError, match="no image could be evaluated: 1 unreadable"):
+            evaluate(model, data)
 
 
 @pytest.mark.parametrize(

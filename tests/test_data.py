@@ -139,3 +139,13 @@ def test_bad_folders_are_clear_errors(tmp_path, layout, message):
 def test_limit_must_be_positive(tmp_path, limit):
     with pytest.raises(TokenBenchError, match="limit must be a positive int"):
         load_imagenet_folder(make_tree(tmp_path), None, limit=limit)
+
+
+def test_label_source_and_the_classes_present_before_a_limit(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=4, corrupt=False)
+    limited = load_imagenet_folder(root, None, limit=2)
+    assert limited.label_source == "synset" and limited.present_classes == (0, 1, 2)  # the folder's, not the 2 taken
+    write_image(tmp_path / "flat" / "a.JPEG", 0)
+    (tmp_path / "labels.csv").write_text("a.JPEG,7\n")
+    flat = load_imagenet_folder(tmp_path / "flat", None, labels_csv=tmp_path / "labels.csv")
+    assert flat.label_source == "csv" and flat.present_classes == (7,)

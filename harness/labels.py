@@ -1,0 +1,106 @@
+"""Class indices from the folder names evaluation sets use, and ImageNet-ReaL's re-assessed labels.
+
+A class folder's name decides its index by the first rule that fits every folder (`label_source`):
+- `synset`: ImageNet synsets (`n01440764`) take their ImageNet-1k index from timm's `ImageNetInfo`,
+  so any subset of the 1000 classes (Imagenette, ImageNet-100, ImageNet-A/R) scores a 1000-class model;
+- `index`: integers (ImageNetV2's `0` ... `999`) are the index itself, not their place in sorted order;
+- `sorted`: any other names take their position in sorted order, which only means something when
+  they are exactly the model's classes, so their count must equal the model's.
+A flat folder labelled by a CSV file is `csv`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import ImageNetInfo
+from torch import nn
+
+from methods.errors import TokenBenchError
+
+LABEL_SOURCES = ("synset", "index", "sorted", "csv")
+CLASS_SUBSETS = ("all", "present")  # the classes a prediction is chosen from: all, or those in the data
+IMAGENET_CLASSES = 1000
+
+
+@functools.cache
+def imagenet_synsets() -> dict[str, int]:
+    """ImageNet-1k synset -> class index, in the order every ImageNet-1k classifier uses."""
+    return {synset: index for index, synset in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+
+
+def folder_labels(names: Sequence[str]) -> tuple[dict[str, int], str]:
+    """The class index of each class folder name, and the rule that gave it (see the module doc)."""
+    synsets = imagenet_synsets()
+    if all(name in synsets for name in names):
+        return {name: synsets[name] for name in names}, "synset"
+    if all(name.isascii() and name.isdigit() for name in names):
+        return {name: int(name) for name in names}, "index"
+    return {name: index for index, name in enumerate(sorted(names))}, "sorted"
+
+
+def check_labels_fit(source: str, classes: Sequence[str], num_classes: int) -> None:
+    """Raise unless the class folders' indices mean the model's classes under rule `source`."""
+    if source == "synset" and num_classes != IMAGENET_CLASSES:
+        raise TokenBenchError(
+            f"the class folders are ImageNet synsets, which name ImageNet-1k classes, but the model predicts "
+            f"{num_classes} classes; give a 1000-class model or a labels CSV"
+        )
+    if source == "index" and max(int(name) for name in classes) >= num_classes:
+        largest = max(classes, key=int)
+        raise TokenBenchError(
+            f"class folder {largest} names class {int(largest)}, beyond the model's {num_classes} classes "
+            f"(integer folders are class indices, as in ImageNetV2: 0 ... {num_classes - 1})"
+        )
+    if source == "sorted" and len(classes) != num_classes:
+        stranger = next((name for name in sorted(classes) if name not in imagenet_synsets()), sorted(classes)[0])
+        raise TokenBenchError(
+            f"the image folder has {len(classes)} class folders but the model predicts {num_classes} classes: "
+            f"the folder names fit no rule (ImageNet synsets such as n01440764, or class indices 0 ... "
+            f"{num_classes - 1}; {stranger!r} is neither), and other names are read in sorted order, which "
+            f"needs exactly one folder per class"
+        )
+
+
+def check_model_classes(model: nn.Module, dataset: object) -> None:
+    """`check_labels_fit` for a dataset of class folders (CSV labels are checked as they are scored)."""
+    classes = getattr(dataset, "classes", None)
+    num_classes = getattr(model, "num_classes", None)
+    if classes and num_classes:
+        check_labels_fit(getattr(dataset, "label_source", "sorted"), classes, num_classes)
+
+
+def pad_real_labels(real: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[N, K] long: each image's ReaL classes, padded with -1 (K >= 1; an all -1 row has none)."""
+    width = max((len(labels) for labels in real), default=0) or 1
+    padded = np.full((len(real), width), -1, dtype=np.int64)
+    for row, labels in enumerate(real):
+        padded[row, : len(labels)] = labels
+    return torch.from_numpy(padded)
+
+
+def read_real_labels(path: str | Path, images: int) -> list[tuple[int, ...]]:
+    """ImageNet-ReaL's file: a JSON list holding, per image in sorted file-name order, the list of
+    classes its re-assessment accepts (empty when none was agreed; such images are left out)."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TokenBenchError(f"cannot read ReaL labels {path}: {error}") from None
+    valid = isinstance(content, list) and all(
+        isinstance(entry, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in entry)
+        for entry in content
+    )
+    if not valid:
+        raise TokenBenchError(f"ReaL labels {path} must be a JSON list of lists of class indices >= 0, one per image")
+    if len(content) != images:
+        raise TokenBenchError(
+            f"ReaL labels {path} list {len(content)} images but the data folder holds {images}: the file must "
+            f"have one entry per image, in sorted file-name order (ImageNet's 50,000 validation images)"
+        )
+    return [tuple(entry) for entry in content]

@@ -1,0 +1,83 @@
+"""`bench run --data` end to end: the new data options, their columns, and bad input as one line, exit code 2."""
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from bench import cli
+from tests.test_accuracy import noise_tree
+from tests.test_cli import FAST
+
+SYNSETS = ["n01440764", "n01443537", "n01484850"]  # ImageNet-1k classes 0, 1, 2
+
+
+def synset_tree(root):
+    root = noise_tree(root, classes=3, per_class=2)  # 6 readable images and a corrupt one
+    for folder, synset in zip(sorted(root.iterdir()), SYNSETS):
+        folder.rename(root / synset)
+    return root
+
+
+def run(out, *args):
+    return CliRunner().invoke(cli, ["run", *FAST, "--methods", "evit", "--keep-rates", "0.5", "--out", str(out), *args])
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_data_options_reach_the_rows(tmp_path):
+    root = synset_tree(tmp_path / "val")
+    (tmp_path / "real.json").write_text(json.dumps([[0], [1], [], [2], [0, 1], [999], [5]]))  # 7 files
+    args = ["--data", str(root), "--cache-dir", str(tmp_path / "cache"), "--workers", "2"]
+    result = run(tmp_path / "out", *args, "--class-subset", "present", "--real-labels", str(tmp_path / "real.json"))
+    assert result.exit_code == 0, result.output
+    records = pd.read_csv(tmp_path / "out" / "records.csv")
+    assert records["label_source"].tolist() == ["synset"] * 2
+    assert records["class_subset"].tolist() == ["present"] * 2
+    assert records[["images", "skipped", "real_images"]].values.tolist() == [[6, 1, 5]] * 2  # the corrupt one has [5]
+    assert records["top1_real"].notna().all() and (records["eval_img_per_s"] > 0).all()
+    assert records["decode_s"].gt(0).tolist() == [True, False]
+    assert all('"class_subset": "present"' in key for key in records["config_key"])
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def bad_real(tmp_path, root):
+    (tmp_path / "real.json").write_text(json.dumps([[0]] * 3))
+    return ["--data", str(root), "--real-labels", str(tmp_path / "real.json")]
+
+
+def unwritable_cache(tmp_path, root):
+    (tmp_path / "file").write_text("not a folder")
+    return ["--data", str(root), "--cache-dir", str(tmp_path / "file" / "cache")]
+
+
+def csv_naming_missing_files(tmp_path, root):
+    (tmp_path / "labels.csv").write_text(f"{SYNSETS[0]}/img_0.JPEG,0\n{SYNSETS[0]}/gone.JPEG,0\n")
+    return ["--data", str(root), "--labels", str(tmp_path / "labels.csv")]
+
+
+def folders_fitting_no_rule(tmp_path, root):
+    (root / "extra").mkdir()  # four folders, not all synsets: sorted, and 4 is not deit_tiny's 1000 classes
+    (root / SYNSETS[0] / "img_0.JPEG").rename(root / "extra" / "img_0.JPEG")
+    return ["--data", str(root), "--cache-dir", str(tmp_path / "cache")]
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (bad_real, "list 3 images but the data folder holds 7"),
+        (unwritable_cache, "cannot write to cache folder"),
+        (csv_naming_missing_files, "names 1 file(s) not found in"),
+        (folders_fitting_no_rule, "has 4 class folders but the model predicts 1000 classes: the folder names fit"),
+        (lambda tmp_path, root: ["--real-labels", str(tmp_path / "real.json")], "need the images: give --data"),
+        (lambda tmp_path, root: ["--class-subset", "some"], "'some' is not one of 'all', 'present'"),
+    ],
+)
+def test_bad_data_input_is_one_clear_line_and_exit_code_2(tmp_path, make_args, message):
+    root = synset_tree(tmp_path / "val")
+    result = run(tmp_path / "out", *make_args(tmp_path, root))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "records.csv").exists()  # nothing half-written
+    assert not (tmp_path / "cache").is_dir() or not any((tmp_path / "cache").iterdir())
