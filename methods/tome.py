@@ -125,9 +125,9 @@ def merge_destinations(
     kept_to = torch.where(slot < in_a, 2 * slot, prefix + slot - in_a).expand_as(kept)  # [B, Na - r]
     b_to = torch.where(b_slot < in_b, 2 * b_slot + 1, prefix + kept.shape[1] - in_a + b_slot - in_b)  # [Nb]
     b_to = b_to.expand(kept.shape[0], -1)  # [B, Nb]
-    a_to = torch.empty_like(kept, size=(kept.shape[0], (n + 1) // 2))  # [B, Na]
+    a_to = kept.new_empty(kept.shape[0], (n + 1) // 2)  # [B, Na]
     a_to = a_to.scatter(1, kept, kept_to).scatter(1, merged, b_to.gather(1, into))
-    destination = torch.empty_like(kept, size=(kept.shape[0], n))  # [B, N]
+    destination = kept.new_empty(kept.shape[0], n)  # [B, N]
     destination[:, ::2], destination[:, 1::2] = a_to, b_to
     return destination
 
