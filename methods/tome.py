@@ -158,13 +158,15 @@ class MergingBlock(Block):
         if self.first:
             self.state.size, self.state.n0 = None, int(x.shape[1]) - self.prefix
         size = self.state.size
-        bias = size.log().transpose(1, 2).unsqueeze(1) if self.prop_attn and size is not None else None  # [B,1,1,N]
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=bias, **block_kwargs)))
+        if self.prop_attn and size is not None:
+            block_kwargs["attn_mask"] = size.log().transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N]: added to key logits
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **block_kwargs)))
         if self.r != 0:
             x = self.merge(x)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, C] -> [B, N - r, C], the sizes kept in the shared state."""
         _, k, _ = take_tapped_qk(self)  # [B, H, N, D]
         r = self.r if self.r is not None else round((1 - self.keep_rate) * self.state.n0 / self.stages)
         r = min(r, (x.shape[1] - self.prefix) // 2)  # ToMe's cap: at most half the mergeable tokens
