@@ -1,9 +1,12 @@
 """Pictures of what each method keeps: the input, then one panel per reduction stage.
 
 A panel shows the model's preprocessed input with the patches that do not go on as themselves
-greyed (dropped) or tinted (fused, fast path, frozen); kept patches are shown as they are. Its
-title counts the tokens after the stage: the patches kept as themselves plus the tokens the method
-made (EViT's fused tokens); the class token is not counted, and blocks are numbered from 0.
+greyed (dropped) or tinted (fused, fast path, frozen); kept patches are shown as they are. After a
+merging stage (ToMe) each patch is painted in the colour of the token it has been merged into (the
+mean colour of its patches, tinted per token), as ToMe's own figure does. A panel's title counts
+the tokens after the stage: the patches kept as themselves plus the tokens the method made (EViT's
+fused tokens, ToMe's merged ones); the class token is not counted, and blocks are numbered from 0.
+A method with many stages (ToMe merges in every block) is shown at a few of them, the last included.
 """
 
 from __future__ import annotations
@@ -29,16 +32,20 @@ from methods.tracing import Stage
 
 KEPT = 0
 # What happens to the patches a stage does not keep, with its mask code and its tint (RGB in [0, 1]).
-CODES = {"dropped": 1, "fused": 2, "fast path": 3, "frozen": 4}
+CODES = {"dropped": 1, "fused": 2, "fast path": 3, "frozen": 4, "merged": 5}
 TINTS = {
     "dropped": (0.55, 0.55, 0.55),
     "fused": (1.0, 0.5, 0.05),
     "fast path": (0.12, 0.47, 0.71),
     "frozen": (0.58, 0.4, 0.74),
+    "merged": (0.84, 0.15, 0.55),
 }
 # What the tokens a method makes are called, by what happens to the patches it does not keep.
-MADE = {"fused": "fused", "fast path": "representative"}
+MADE = {"fused": "fused", "fast path": "representative", "merged": "merged"}
 TINT_WEIGHT = 0.65
+GROUP_TINT = 0.35  # share of a merged token's own random colour in its patches' paint
+MAX_PANELS = 4
+LEGEND = {"merged": "merged (a colour per token)"}
 COUNTED = "tokens = patches kept as themselves + tokens the method made; class token not counted"
 
 
@@ -84,25 +91,50 @@ def tint(picture: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def paint_groups(picture: np.ndarray, groups: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Paint each patch merged with others in its token's colour: the mean colour of the token's patches,
+    tinted by a random colour per token; a patch alone is shown as it is.
+    picture: [H, W, 3], groups: [rows * cols], the token each patch is part of"""
+    rows, cols = grid
+    ph, pw = picture.shape[0] // rows, picture.shape[1] // cols
+    patches = picture.reshape(rows, ph, cols, pw, 3).swapaxes(1, 2).reshape(rows * cols, ph * pw, 3).copy()
+    sizes = np.bincount(groups)  # [tokens]
+    mean = np.zeros((len(sizes), 3))
+    np.add.at(mean, groups, patches.mean(axis=1))
+    mean /= np.maximum(sizes, 1)[:, None]  # [tokens, 3]
+    colour = (1 - GROUP_TINT) * mean + GROUP_TINT * np.random.default_rng(0).random((len(sizes), 3))
+    merged = sizes[groups] > 1  # [rows * cols]
+    patches[merged] = colour[groups[merged]][:, None, :]
+    return patches.reshape(rows, cols, ph, pw, 3).swapaxes(1, 2).reshape(picture.shape)
+
+
+def shown_stages(stages: Sequence[Stage]) -> list[Stage]:
+    """At most MAX_PANELS stages, evenly spaced and ending with the last."""
+    count = min(len(stages), MAX_PANELS)
+    return [stages[len(stages) * (i + 1) // count - 1] for i in range(count)]
+
+
 def stage_figure(picture: np.ndarray, stages: Sequence[Stage], patch: tuple[int, int], title: str) -> Figure:
-    """The input, then one panel per stage with its mask drawn; `fig.axes` holds 1 + len(stages) panels.
+    """The input, then one panel per shown stage (`shown_stages`) with its mask or its merged tokens drawn.
 
     picture: [H, W, 3] in [0, 1], the image as the model sees it; patch: (height, width) of a patch.
     """
     grid = (picture.shape[0] // patch[0], picture.shape[1] // patch[1])
+    stages = shown_stages(stages)
     masks = stage_masks(stages, grid)
     fig = Figure(figsize=(3 * (1 + len(stages)), 3.9), layout="constrained")
     axes = fig.subplots(1, 1 + len(stages), squeeze=False)[0]
     axes[0].imshow(picture)
     axes[0].set_title("input" if stages else "input (no reduction stage)")
     for ax, stage, mask in zip(axes[1:], stages, masks):
-        ax.imshow(tint(picture, mask))
+        merged = stage.groups is not None
+        ax.imshow(paint_groups(picture, stage.groups[0].numpy(), grid) if merged else tint(picture, mask))
         ax.set_title(stage_title(stage))
     for ax in axes:
         ax.set_axis_off()
     kinds = sorted({stage.others for stage in stages}, key=CODES.__getitem__)
     handles = [Patch(facecolor=(1, 1, 1), edgecolor="black", label="kept")]
-    handles += [Patch(facecolor=TINTS[kind], label=kind) for kind in kinds]
+    handles += [Patch(facecolor=TINTS[kind], label=LEGEND.get(kind, kind)) for kind in kinds]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), title=COUNTED)
     fig.suptitle(title)
     return fig

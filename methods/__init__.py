@@ -9,7 +9,7 @@ kept_patches(model, images) -> list[Stage] original patches kept at each reducti
 load_checkpoint(model, path_or_dict)       load timm/DeiT, EViT, DynamicViT or Evo-ViT weights, after apply
 """
 
-from methods import dynamicvit, evit, evovit, prune, vanilla  # noqa: F401  (importing a method module registers it)
+from methods import dynamicvit, evit, evovit, prune, tome, vanilla  # noqa: F401  (importing a method module registers it)
 from methods.api import AppliedMethod, BlockTokenCounts, apply, block_token_counts, token_counts
 from methods.checkpoints import LoadedCheckpoint, load_checkpoint
 from methods.errors import TokenBenchError

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
@@ -47,6 +49,15 @@ def require_stock_blocks(model: VisionTransformer, indices: Sequence[int], metho
                 f"method '{method}' can patch timm's Block/Attention only; block {i} is "
                 f"{type(block).__name__}/{type(getattr(block, 'attn', None)).__name__}"
             )
+
+
+def require_attention_mask(method: str) -> None:
+    """An additive attention bias reaches the fused kernel through timm's `attn_mask` (timm 1.0.16 and later)."""
+    if "attn_mask" not in inspect.signature(Attention.forward).parameters:
+        raise TokenBenchError(
+            f"method '{method}' passes a bias to timm's attention as attn_mask, which timm {timm.__version__} "
+            f"does not take; install timm>=1.0.16 or set prop_attn=False"
+        )
 
 
 def depth(model: VisionTransformer) -> int:

@@ -2,7 +2,9 @@
 
 A block that reduces tokens calls `report_selection` with the indices it keeps among the current
 patch tokens; the tracer maps them back to original patch positions through every earlier
-reordering. Outside `trace_selections` the reports cost one attribute lookup.
+reordering. A block that merges tokens (ToMe) calls `report_merge` with where each token went; the
+tracer follows every original patch into the token it is part of. Outside `trace_selections` the
+reports cost one attribute lookup.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ TRACER_ATTR = "selection_tracer"
 class Stage:
     """One reduction: at `block`, the original patch indices `kept` ([B, k], in sequence order; -1 for a
     token an earlier stage made) go on as themselves; the other patches are `others` ("dropped",
-    "fused", "fast path" or "frozen"); the method appends `appended` tokens of its own after them
-    (EViT's fused token, Evo-ViT's representative token)."""
+    "fused", "fast path", "frozen" or "merged"); the method appends `appended` tokens of its own after
+    them (EViT's fused token, Evo-ViT's representative token). A merging stage also gives `groups`
+    ([B, n0]): for each original patch, the index among the patch tokens after the stage of the token
+    it is part of; there `kept` has one entry per token, -1 for a token of two or more patches."""
 
     block: int
     kept: torch.Tensor
     others: str
     appended: int = 0
+    groups: torch.Tensor | None = None
 
 
 class SelectionTracer:
@@ -38,6 +43,7 @@ class SelectionTracer:
         self.patches = patches
         self.stages: list[Stage] = []
         self.positions = self.original_order(batch, device)  # [B, M]; -1 marks tokens made by the method
+        self.groups = self.original_order(batch, device)  # [B, n0]: the token each patch is part of (merges)
 
     def original_order(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.patches, device=device).expand(batch, -1)
@@ -49,6 +55,18 @@ class SelectionTracer:
         made = kept_positions.new_full((kept.shape[0], appended), -1)
         self.positions = torch.cat([kept_positions, made], dim=1)
 
+    def merge(self, block: nn.Module, destination: torch.Tensor, tokens: int) -> None:
+        """destination: [B, M], the index among the `tokens` patch tokens after the merge of each one before."""
+        self.groups = destination.gather(1, self.groups)  # [B, n0]
+        batch, patches = self.groups.shape
+        sizes = torch.zeros(batch, tokens, dtype=torch.long, device=self.groups.device)
+        sizes.scatter_add_(1, self.groups, torch.ones_like(self.groups))  # [B, tokens]: patches in each token
+        patch = self.original_order(batch, self.groups.device)  # [B, n0]
+        first = torch.full_like(sizes, patches).scatter_reduce(1, self.groups, patch, reduce="amin")  # [B, tokens]
+        self.positions = torch.where(sizes == 1, first, -1)  # [B, tokens]: a patch if it is alone, else -1
+        index = self.block_index[id(block)]
+        self.stages.append(Stage(index, self.positions.cpu(), others="merged", groups=self.groups.cpu()))
+
     def restore(self) -> None:
         self.positions = self.original_order(*self.positions.shape[:1], self.positions.device)
 
@@ -59,6 +77,19 @@ def report_selection(block: nn.Module, kept: torch.Tensor, others: str, appended
     tracer = getattr(block, TRACER_ATTR, None)
     if tracer is not None:
         tracer.select(block, kept, others, appended)
+
+
+def is_traced(block: nn.Module) -> bool:
+    """Whether `block` runs under `trace_selections`: a method computes what it reports only then."""
+    return getattr(block, TRACER_ATTR, None) is not None
+
+
+def report_merge(block: nn.Module, destination: torch.Tensor, tokens: int) -> None:
+    """`block` merged the current patch tokens into `tokens` ones; destination: [B, M], the index among
+    them of the token each current patch token went into (prefix excluded)."""
+    tracer = getattr(block, TRACER_ATTR, None)
+    if tracer is not None:
+        tracer.merge(block, destination, tokens)
 
 
 def report_restore(block: nn.Module) -> None:

@@ -174,7 +174,7 @@ def test_yaml_sweep_file_with_options_overriding_it(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--methods", "evit,tome"], "unknown method tome; known:"),
+        (["--methods", "evit,nonexistent"], "unknown method nonexistent; known:"),
         (["--keep-rates", "0.5,abc"], "comma-separated list of keep rates"),
         (["--keep-rates", "1.5"], "keep_rate must be a number in (0, 1]"),
         (["--resolutions", "64,70"], "image size 70 is not divisible by its patch size 16x16"),
@@ -339,7 +339,7 @@ def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
     "args,message",
     [
         (["/no/such/photo.jpg"], "/no/such/photo.jpg"),
-        (["--methods", "tome"], "unknown method tome"),
+        (["--methods", "nonexistent"], "unknown method nonexistent"),
         (["--keep-rate", "2"], "keep"),
     ],
 )

@@ -82,7 +82,7 @@ def test_masks_and_titles_agree_with_the_measured_token_counts(deit_tiny, name):
     "kwargs,message",
     [
         (dict(images=["/no/photo.jpg"]), "image file not found: /no/photo.jpg"),
-        (dict(method_names=["tome"]), "unknown method 'tome'"),
+        (dict(method_names=["nonexistent"]), "unknown method 'nonexistent'"),
         (dict(keep_rate=0.0), "keep_rate must be"),
         (dict(checkpoints={"evit": "/no/w.pth"}), "checkpoint file not found"),
         (dict(model_name="resnet10t"), "VisionTransformer"),
