@@ -224,11 +224,11 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     speedup is timed interleaved with it and with the method's floor twin (the same token counts,
     selected by a slice). Rows are written as they are measured; rerunning resumes.
     """
-    from harness.distributed import check_device_for_ranks, init_from_env, is_main_process, shutdown
-    from harness.records import RunStore
-    from harness.report import write_report
-    from harness.sweep import SweepConfig, preflight, run_sweep
-    from harness.throughput import resolve_device
+    from harness.measure.distributed import check_device_for_ranks, init_from_env, is_main_process, shutdown
+    from harness.measure.throughput import resolve_device
+    from harness.run.records import RunStore
+    from harness.run.report import write_report
+    from harness.run.sweep import SweepConfig, preflight, run_sweep
 
     settings = one_value_forms(read_sweep_file(config_file) if config_file else {})
     settings.update(one_value_forms(cli_settings(options)))
@@ -291,7 +291,7 @@ def parse_batch_size_option(value: str) -> int | str:
 @user_errors
 def report_command(run: str) -> None:
     """Per resolution: speedup and MAC reduction against vanilla, top-1 change (CSV + Markdown)."""
-    from harness.report import write_report
+    from harness.run.report import write_report
 
     click.echo(write_report(run))
 
@@ -301,7 +301,7 @@ def report_command(run: str) -> None:
 @user_errors
 def plot_command(run: str) -> None:
     """Trade-off figures (PNG and SVG): top-1 vs throughput and vs GMACs, or cost vs keep rate."""
-    from harness.plot import plot_run
+    from harness.run.plot import plot_run
 
     for path in plot_run(run):
         click.echo(path)
@@ -315,7 +315,7 @@ def plot_command(run: str) -> None:
 @user_errors
 def check_command(run: str, baseline: str, tolerance: float, update: bool) -> None:
     """Compare each method's speedup over vanilla with a baseline; exit 1 on a regression."""
-    from harness.check import check_run, update_baseline
+    from harness.run.check import check_run, update_baseline
 
     if update:
         click.echo(f"wrote {update_baseline(run, baseline)} rows to {baseline}")
@@ -347,7 +347,7 @@ def viz_command(
     out: str,
 ) -> None:
     """Which patches each method keeps at each stage (no IMAGE: matplotlib's sample photograph)."""
-    from harness.viz import visualise
+    from harness.run.viz import visualise
 
     paths = visualise(
         images or None,

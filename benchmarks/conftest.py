@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from harness.provenance import provenance
-from harness.throughput import resolve_device, synchronize
+from harness.measure.provenance import provenance
+from harness.measure.throughput import resolve_device, synchronize
 from methods.errors import TokenBenchError
 
 MODEL = "deit_small_patch16_224"

@@ -4,7 +4,7 @@ import pytest
 
 import methods
 from benchmarks.conftest import IMG_SIZE, MODEL
-from harness.models import create_model
+from harness.measure.models import create_model
 from tests.test_evit import official_evit_logits
 
 

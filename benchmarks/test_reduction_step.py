@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 
 import methods
 from benchmarks.conftest import IMG_SIZE, MODEL
-from harness.models import create_model
+from harness.measure.models import create_model
 from methods.timm_compat import take_tapped_qk, tap_query_key
 from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, split_prefix, top_k_indices
 

@@ -1,1 +1,2 @@
-"""Measurements of one configuration: MACs, throughput, accuracy; and the sweeps built on them."""
+"""The harness, in two layers: `measure` takes one configuration's MACs, throughput and top-1;
+`run` sweeps many, keeps their records, and reports, plots and checks them."""

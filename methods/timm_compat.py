@@ -90,7 +90,7 @@ def check_image_size(model: nn.Module, img_size: int | Sequence[int]) -> tuple[i
     if size != built and not vit.dynamic_img_size:
         raise TokenBenchError(
             f"the model was built for {built[0]}x{built[1]} images, not {size[0]}x{size[1]}; "
-            f"create it for that size (harness.models.create_model(name, img_size=...))"
+            f"create it for that size (harness.measure.models.create_model(name, img_size=...))"
         )
     return size
 

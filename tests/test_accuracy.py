@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.accuracy import evaluate
-from harness.data import eval_transform, load_imagenet_folder
-from harness.decode_cache import Preprocessing, decode
+from harness.measure.accuracy import evaluate
+from harness.measure.data import eval_transform, load_imagenet_folder
+from harness.measure.decode_cache import Preprocessing, decode
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 

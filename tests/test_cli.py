@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import methods
 from bench import cli
-from harness import sweep as sweep_module
+from harness.run import sweep as sweep_module
 from tests.test_accuracy import noise_tree
 
 TIMING = ["--resolutions", "64", "--device", "cpu", "--warmup", "0", "--iters", "1", "--windows", "2", "--quiet"]
@@ -80,8 +80,8 @@ def test_report_compares_against_vanilla(small_run):
 
 
 def test_plot_has_one_line_per_method_and_the_ideal_beside_throughput(small_run):
-    from harness.plot import IDEAL_LABEL, trade_off_figure
-    from harness.records import read_records
+    from harness.run.plot import IDEAL_LABEL, trade_off_figure
+    from harness.run.records import read_records
 
     result = invoke("plot", str(small_run))
     assert result.exit_code == 0
@@ -276,7 +276,7 @@ def test_report_groups_by_model_resolution_batch_and_mode_with_the_floor(axes_ru
 
 
 def test_speedup_against_batch_size_with_the_floor_dashed_and_no_gain_marked(axes_run):
-    from harness.plot import speedup_vs_batch_figure
+    from harness.run.plot import speedup_vs_batch_figure
 
     result = invoke("plot", str(axes_run))
     assert result.exit_code == 0, result.output

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from harness.data import collate_readable, eval_transform, load_imagenet_folder
+from harness.measure.data import collate_readable, eval_transform, load_imagenet_folder
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 

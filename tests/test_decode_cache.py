@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from harness import decode_cache
-from harness.accuracy import evaluate
-from harness.data import eval_transform, load_imagenet_folder
-from harness.decode_cache import Preprocessing, decode, decode_for_model, preprocessing_for
-from harness.records import RunStore
-from harness.sweep import SweepConfig, run_sweep
+from harness.measure import decode_cache
+from harness.measure.accuracy import evaluate
+from harness.measure.data import eval_transform, load_imagenet_folder
+from harness.measure.decode_cache import Preprocessing, decode, decode_for_model, preprocessing_for
+from harness.run.records import RunStore
+from harness.run.sweep import SweepConfig, run_sweep
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 from tests.test_accuracy import CLASSES, noise_tree

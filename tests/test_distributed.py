@@ -11,11 +11,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
-from harness.accuracy import evaluate
-from harness.data import eval_transform, load_imagenet_folder
-from harness.distributed import init_from_env, is_main_process, shard_indices, shutdown
-from harness.records import RunStore, read_records
-from harness.sweep import SweepConfig, run_sweep
+from harness.measure.accuracy import evaluate
+from harness.measure.data import eval_transform, load_imagenet_folder
+from harness.measure.distributed import init_from_env, is_main_process, shard_indices, shutdown
+from harness.run.records import RunStore, read_records
+from harness.run.sweep import SweepConfig, run_sweep
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 from tests.test_accuracy import CLASSES, noise_tree

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import methods
 import methods.dynamicvit  # noqa: F401  (registers the method)
-from harness.macs import count_macs
+from harness.measure.macs import count_macs
 from methods.dynamicvit import ScorePredictor, keep_count, predictors_trained
 from tests.conftest import peaked_attention, tiny_vit
 

@@ -10,7 +10,7 @@ import torch
 
 import methods
 import methods.evovit as evovit
-from harness.macs import count_macs
+from harness.measure.macs import count_macs
 from methods import TokenBenchError
 from tests.conftest import peaked_attention, tiny_vit
 

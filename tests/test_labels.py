@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from harness.data import load_imagenet_folder, real_labels_by_sample
-from harness.labels import check_model_classes, folder_labels, pad_real_labels, read_real_labels
+from harness.measure.data import load_imagenet_folder, real_labels_by_sample
+from harness.measure.labels import check_model_classes, folder_labels, pad_real_labels, read_real_labels
 from methods import TokenBenchError
 
 # ImageNet-1k indices as every ImageNet classifier numbers them (tench, goldfish, golden retriever,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import methods
-from harness.macs import MacCountError, count_macs
+from harness.measure.macs import MacCountError, count_macs
 from methods import TokenBenchError
 
 

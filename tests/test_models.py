@@ -3,7 +3,7 @@
 import pytest
 from timm.models.vision_transformer import VisionTransformer
 
-from harness.models import create_model
+from harness.measure.models import create_model
 from methods import TokenBenchError
 
 

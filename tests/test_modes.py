@@ -6,8 +6,8 @@ CUDA graphs and fp16 weights need a GPU: those tests are skipped without one and
 import pytest
 import torch
 
-from harness.modes import ExecutionMode, capture_graph, cast_for_inference
-from harness.throughput import ThroughputConfig, measure_interleaved, measure_throughput
+from harness.measure.modes import ExecutionMode, capture_graph, cast_for_inference
+from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 

@@ -6,7 +6,7 @@ import stat
 import pandas as pd
 import pytest
 
-from harness.records import RunStore, write_csv_atomically, write_text_atomically
+from harness.run.records import RunStore, write_csv_atomically, write_text_atomically
 
 
 @pytest.fixture

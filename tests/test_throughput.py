@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-from harness.provenance import cpu_name, git_state, provenance
-from harness.throughput import ThroughputConfig, measure_interleaved, measure_throughput, resolve_device
+from harness.measure.provenance import cpu_name, git_state, provenance
+from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput, resolve_device
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 

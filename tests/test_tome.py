@@ -16,8 +16,8 @@ import timm
 import torch
 
 import methods
-from harness import viz
-from harness.macs import count_macs
+from harness.measure.macs import count_macs
+from harness.run import viz
 from methods import TokenBenchError
 from methods.tome import bipartite_soft_matching, merge_destinations, merge_weighted
 from tests.conftest import peaked_attention, tiny_vit

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import methods
-from harness import viz
+from harness.run import viz
 from methods import Stage, TokenBenchError
 
 

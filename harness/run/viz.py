@@ -24,8 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 import methods
-from harness.data import eval_config, eval_transform
-from harness.models import create_model
+from harness.measure.data import eval_config, eval_transform
+from harness.measure.models import create_model
 from methods.errors import TokenBenchError
 from methods.timm_compat import model_image_size, patch_size
 from methods.tracing import Stage

@@ -1,7 +1,7 @@
 """Top-1 and top-5 accuracy, and ImageNet-ReaL top-1, on an image dataset, sharded over processes
 when torch.distributed runs.
 
-Two sources feed the same scoring: `DecodedImages` (harness.decode_cache: pixels decoded once,
+Two sources feed the same scoring: `DecodedImages` (harness.measure.decode_cache: pixels decoded once,
 normalised on the device), which sweeps use, and any dataset of (image, label) items, read through a
 DataLoader, which decodes every image again on every call. The counts stay on the device until the
 end, so no batch waits for the host.
@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from harness.data import Batch, collate_readable
-from harness.decode_cache import DecodedImages
-from harness.distributed import shard_indices, sum_across_ranks
-from harness.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
-from harness.modes import ExecutionMode, cast_for_inference
-from harness.throughput import check_device_dtype, check_device_precision, check_positive, resolve_device
+from harness.measure.data import Batch, collate_readable
+from harness.measure.decode_cache import DecodedImages
+from harness.measure.distributed import shard_indices, sum_across_ranks
+from harness.measure.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
+from harness.measure.modes import ExecutionMode, cast_for_inference
+from harness.measure.throughput import check_device_dtype, check_device_precision, check_positive, resolve_device
 from methods.errors import TokenBenchError
 
 # The accuracy columns of a sweep row without --data.
@@ -71,7 +71,7 @@ def evaluate(
     class_subset "present" restricts the prediction to the classes present in the data (ImageNet-A
     and -R are scored so). Under torch.distributed each rank evaluates its shard (decoded images are
     one already) and the counts are summed, so every image counts exactly once. The model is left
-    as it was found. precision is autocast's dtype; model_dtype the weights' and images' (harness.modes).
+    as it was found. precision is autocast's dtype; model_dtype the weights' and images' (harness.measure.modes).
     """
     check_positive("batch_size", batch_size)
     check_positive("workers", workers, minimum=0)

@@ -12,7 +12,7 @@ from typing import Any
 import timm
 import torch
 
-CODE_ROOT = Path(__file__).resolve().parent.parent
+CODE_ROOT = Path(__file__).resolve().parents[2]  # harness/measure/provenance.py -> the project root
 
 
 def git_state(root: Path = CODE_ROOT) -> tuple[str, bool | None]:

@@ -1,6 +1,6 @@
 """Images per second, timed as timm's benchmark does, for one model or several interleaved.
 
-Protocol: eval mode under torch.inference_mode(), in an execution mode (harness.modes: autocast or
+Protocol: eval mode under torch.inference_mode(), in an execution mode (harness.measure.modes: autocast or
 low-precision weights, eager, CUDA graphs or compiled), one random batch created once on the
 device, `warmup` untimed iterations of each model at the timed batch size (then, with CUDA graphs,
 one capture each), then `windows` windows of `iters` iterations, the models taking turns window by
@@ -26,8 +26,8 @@ import timm
 import torch
 from torch import nn
 
-from harness.modes import ExecutionMode, capture_graph, cast_for_inference, check_precision, compiled
-from harness.provenance import device_name
+from harness.measure.modes import ExecutionMode, capture_graph, cast_for_inference, check_precision, compiled
+from harness.measure.provenance import device_name
 from methods.errors import TokenBenchError
 from methods.timm_compat import check_image_size
 
@@ -48,7 +48,7 @@ class ThroughputConfig:
     """How to time. batch_size None: on CUDA the largest power of two up to max_batch that fits
     (found by halving on OOM), on CPU 32. threads: CPU threads for the run (None: leave as is).
     tf32: allow TF32 matmuls and convolutions on CUDA (set explicitly either way).
-    precision, model_dtype, cuda_graphs, compile: the execution mode (harness.modes.ExecutionMode)."""
+    precision, model_dtype, cuda_graphs, compile: the execution mode (harness.measure.modes.ExecutionMode)."""
 
     device: str = "cpu"
     batch_size: int | None = None
@@ -179,7 +179,7 @@ def measure_interleaved(
             name: stack.enter_context(cast_for_inference(model, device, mode.dtype)) for name, model in models.items()
         }
         if config.compile:
-            torch.compiler.reset()  # see harness.modes.compiled
+            torch.compiler.reset()  # see harness.measure.modes.compiled
             runners = {name: compiled(model, mode) for name, model in runners.items()}
         batch, halvings, rates = time_with_backoff(runners, size, device, config)
     protocol = {

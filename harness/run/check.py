@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.records import REFERENCE, read_records, write_csv_atomically
+from harness.run.records import REFERENCE, read_records, write_csv_atomically
 from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]

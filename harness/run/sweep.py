@@ -16,14 +16,14 @@ from torch import nn
 from tqdm import tqdm
 
 import methods
-from harness.accuracy import NO_DATA_COLUMNS, accuracy_columns
-from harness.decode_cache import check_data_options, decode_for_model, preprocessing_for
-from harness.distributed import from_main_process
-from harness.macs import count_macs
-from harness.models import create_model
-from harness.provenance import provenance
-from harness.records import REFERENCE, RunStore
-from harness.throughput import ThroughputConfig, measure_interleaved, measure_throughput
+from harness.measure.accuracy import NO_DATA_COLUMNS, accuracy_columns
+from harness.measure.decode_cache import check_data_options, decode_for_model, preprocessing_for
+from harness.measure.distributed import from_main_process
+from harness.measure.macs import count_macs
+from harness.measure.models import create_model
+from harness.measure.provenance import provenance
+from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput
+from harness.run.records import REFERENCE, RunStore
 from methods.config import check_keep_rate
 from methods.errors import TokenBenchError, UntrainedWeightsWarning
 

@@ -39,9 +39,9 @@ from torch import nn
 from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
-from harness.data import UNREADABLE, Batch, ImageDataset, eval_transform, load_imagenet_folder
-from harness.distributed import env_int, shard_indices
-from harness.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
+from harness.measure.data import UNREADABLE, Batch, ImageDataset, eval_transform, load_imagenet_folder
+from harness.measure.distributed import env_int, shard_indices
+from harness.measure.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
 from methods.errors import TokenBenchError
 
 CACHE_VERSION = 1  # bump when the layout of a cache folder changes

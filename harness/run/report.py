@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.records import REFERENCE, read_records, write_csv_atomically, write_text_atomically
+from harness.run.records import REFERENCE, read_records, write_csv_atomically, write_text_atomically
 from methods.errors import TokenBenchError
 
 GROUP = ["model", "resolution", "batch_size_requested", "mode"]

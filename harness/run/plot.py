@@ -16,8 +16,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.records import REFERENCE, read_records  # noqa: E402
-from harness.report import with_group_columns  # noqa: E402
+from harness.run.records import REFERENCE, read_records  # noqa: E402
+from harness.run.report import with_group_columns  # noqa: E402
 
 LABELS = {"img_per_s": "throughput (img/s)", "gmacs": "GMACs", "top1": "top-1 (%)", "keep_rate": "keep rate"}
 # (x, y, whether larger x is better): the papers' trade-offs with accuracy, else cost against keep rate

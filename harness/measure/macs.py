@@ -89,7 +89,7 @@ def count_macs(model: nn.Module, img_size: int | Sequence[int]) -> float:
         model.train(was_training)
     if unknown:
         raise MacCountError(
-            f"cannot count MACs: no handle for {', '.join(unknown)}; add one in harness/macs.py "
+            f"cannot count MACs: no handle for {', '.join(unknown)}; add one in harness/measure/macs.py "
             f"or list it in ZERO_MAC_OPS if it costs no multiply-add"
         )
     return float(total)

@@ -1,10 +1,10 @@
 """ImageNet-style evaluation data: a folder of class sub-folders, or a flat folder with a labels CSV.
 
-Class folder names give class indices by the rules of `harness.labels` (ImageNet synsets, integer
+Class folder names give class indices by the rules of `harness.measure.labels` (ImageNet synsets, integer
 indices, else sorted order); hidden folders (a stray `.ipynb_checkpoints`) are not classes. An image
 that cannot be read is skipped and counted, never fatal: the dataset yields None for it and
 `collate_readable` drops it from the batch and says how many it dropped, which works with DataLoader
-workers too. `harness.decode_cache` decodes a dataset once for every configuration of a sweep.
+workers too. `harness.measure.decode_cache` decodes a dataset once for every configuration of a sweep.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from harness.labels import folder_labels, read_real_labels
+from harness.measure.labels import folder_labels, read_real_labels
 from methods.errors import TokenBenchError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
@@ -44,7 +44,7 @@ class ImageDataset(Dataset):
     """(path, label) samples read as RGB and transformed; an unreadable file gives None.
 
     classes: the class folder names (None for the CSV layout); label_source: the rule that gave the
-    labels (`harness.labels.LABEL_SOURCES`); present_classes: the labels of the whole folder, before
+    labels (`harness.measure.labels.LABEL_SOURCES`); present_classes: the labels of the whole folder, before
     any `limit`; real_labels: ImageNet-ReaL's accepted classes per sample, or None.
     """
 
