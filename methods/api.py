@@ -39,10 +39,12 @@ def apply(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
 @dataclass(frozen=True)
 class BlockTokenCounts:
-    """Tokens (prefix tokens included) that each block's attention and FFN process."""
+    """Tokens (prefix tokens included) that each block's attention and FFN process, and how many
+    tokens enter the first block (a method may reduce before the first attention)."""
 
     attention: tuple[int, ...]
     ffn: tuple[int, ...]
+    entering: int
 
 
 def token_counts(model: nn.Module, img_size: int | Sequence[int]) -> list[int]:
@@ -66,7 +68,9 @@ def block_token_counts(model: nn.Module, img_size: int | Sequence[int]) -> Block
 
         return record
 
-    hooks = [block.mlp.register_forward_pre_hook(recorder(ffn, i)) for i, block in enumerate(vit.blocks)]
+    entering = [0]
+    hooks = [vit.blocks.register_forward_pre_hook(recorder(entering, 0))]
+    hooks += [block.mlp.register_forward_pre_hook(recorder(ffn, i)) for i, block in enumerate(vit.blocks)]
     hooks += [block.attn.register_forward_pre_hook(recorder(attention, i)) for i, block in enumerate(vit.blocks)]
     param = next(vit.parameters())
     image = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(param)
@@ -79,4 +83,4 @@ def block_token_counts(model: nn.Module, img_size: int | Sequence[int]) -> Block
         vit.train(was_training)
         for hook in hooks:
             hook.remove()
-    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn))
+    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn), entering=entering[0])

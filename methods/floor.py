@@ -74,7 +74,7 @@ def carried_counts(counts: BlockTokenCounts) -> list[int]:
 
 
 def check_counts(model: VisionTransformer, counts: BlockTokenCounts) -> None:
-    full = counts.attention[0] if counts.attention else 0
+    full = counts.entering
     if len(counts.attention) != depth(model) or len(counts.ffn) != depth(model):
         raise TokenBenchError(f"the floor needs one attention and one FFN count per block ({depth(model)} blocks)")
     if any(not 0 < n <= full for n in (*counts.attention, *counts.ffn)) or any(
@@ -93,7 +93,7 @@ def apply_floor(model: nn.Module, counts: BlockTokenCounts) -> nn.Module:
     if getattr(applied_method(vit), "config", None) is None or applied_method(vit).config.locations:
         require_unpatched(vit)  # a model that reduces nothing (none applied, or vanilla) may become the twin
     check_counts(vit, counts)
-    full = counts.attention[0]
+    full = counts.entering
     carried = carried_counts(counts)
     slicing = [b for b in range(depth(vit)) if (counts.attention[b], counts.ffn[b], carried[b]) != (full,) * 3]
     require_stock_blocks(vit, slicing, "floor")
@@ -105,6 +105,9 @@ def apply_floor(model: nn.Module, counts: BlockTokenCounts) -> nn.Module:
     return model
 
 
-def floor_counts(attention: Sequence[int], ffn: Sequence[int]) -> BlockTokenCounts:
-    """Counts given by hand (tests, benchmarks), as `block_token_counts` would measure them."""
-    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn))
+def floor_counts(attention: Sequence[int], ffn: Sequence[int], entering: int | None = None) -> BlockTokenCounts:
+    """Counts given by hand (tests, benchmarks), as `block_token_counts` would measure them; `entering`
+    defaults to the first attention count (no reduction before the first block)."""
+    if entering is None:
+        entering = attention[0] if attention else 0
+    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn), entering=entering)

@@ -15,9 +15,12 @@ def fresh_deit_tiny():
     return peaked_attention(timm.create_model("deit_tiny_patch16_224"))
 
 
-@pytest.mark.parametrize("name", methods.list_methods())
-def test_the_twin_processes_the_methods_own_token_counts(name):
-    method = methods.apply(fresh_deit_tiny(), name)
+@pytest.mark.parametrize(
+    "name,options", [(name, {}) for name in methods.list_methods()] + [("dynamicvit", {"locations": (0, 6)})]
+)
+def test_the_twin_processes_the_methods_own_token_counts(name, options):
+    """Reductions before the first block too (DynamicViT at block 0): the twin slices there as well."""
+    method = methods.apply(fresh_deit_tiny(), name, **options)
     counts = methods.block_token_counts(method, 224)
     twin = methods.apply_floor(fresh_deit_tiny(), counts)
     assert methods.block_token_counts(twin, 224) == counts

@@ -9,7 +9,13 @@ import timm
 import torch
 
 from harness.measure.provenance import cpu_name, git_state, provenance
-from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput, resolve_device
+from harness.measure.throughput import (
+    ThroughputConfig,
+    is_out_of_memory,
+    measure_interleaved,
+    measure_throughput,
+    resolve_device,
+)
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 
@@ -120,6 +126,18 @@ def test_interleaved_models_share_the_batch_that_fits_all():
     assert {(r.batch_size, r.oom_halvings) for r in results.values()} == {(2, 2)}
 
 
+def test_an_error_raised_while_handling_an_out_of_memory_counts_as_one():
+    """A CUDA graph capture broken by an allocation raises its own error with the OOM as its context."""
+    try:
+        try:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError("operation not permitted when stream is capturing")  # noqa: B904
+    except RuntimeError as error:
+        assert is_out_of_memory(error)
+    assert not is_out_of_memory(RuntimeError("operation not permitted when stream is capturing"))
+
+
 def test_other_errors_are_not_taken_for_out_of_memory():
     model = tiny_vit()
     model.forward = lambda x: torch.ones(2, 3) @ torch.ones(4, 5)  # a shape error
@@ -182,6 +200,7 @@ def test_compile_after_halved_batches_still_compiles(compiled_graphs):
         (dict(batch_size=0), "batch_size must be an int >= 1 or None"),
         (dict(iters=0), "iters must be an int >= 1"),
         (dict(compile=True, warmup=0), "compile needs warmup >= 1"),
+        (dict(device="cuda", compile=True, cuda_graphs=True, warmup=2), "compile with CUDA graphs needs warmup >= 3"),
         (dict(max_batch=1000), "max_batch must be a power of two"),
     ],
 )

@@ -101,15 +101,23 @@ def compiled(model: nn.Module, mode: ExecutionMode) -> Callable[[torch.Tensor], 
 def capture_graph(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> Callable[[], object]:
     """Capture one call `run(images)` in a CUDA graph and return its replay. Call it after warm-up:
     the first calls select kernels (cudnn.benchmark) and allocate, which a capture must not see.
-    The warm-up ran on the default stream; capture runs on a side stream that waits for it."""
+    Everything runs on the images' GPU, whichever is current; the capture on a side stream that
+    waits for the warm-up. A capture that fails hands the caller's stream back, so that an
+    out-of-memory error can be retried at a smaller batch."""
+    device = images.device
     graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream(device=images.device)
-    stream.wait_stream(torch.cuda.current_stream(images.device))
-    with torch.cuda.stream(stream):
-        run(images)  # one more call on the capture stream, as torch's recipe asks
-    torch.cuda.current_stream(images.device).wait_stream(stream)
-    with torch.cuda.graph(graph):
-        run(images)
+    caller = torch.cuda.current_stream(device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(caller)
+        with torch.cuda.stream(stream):
+            run(images)  # one more call on the capture stream, as torch's recipe asks
+        caller.wait_stream(stream)
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                run(images)
+        finally:
+            torch.cuda.set_stream(caller)
     return graph.replay
 
 

@@ -56,9 +56,10 @@ def device_name(device: str) -> str:
 
 
 def provenance(device: str) -> dict[str, Any]:
-    """Everything a record needs to say how and where it was made, besides its own configuration."""
+    """Everything a record needs to say how and where it was made, besides its own configuration.
+    CUDA is asked about only for a CUDA device: a CPU run never initialises it."""
     commit, dirty = git_state()
-    cuda = torch.cuda.is_available()
+    cuda = device.startswith("cuda")
     return {
         "git_commit": commit,
         "git_dirty": dirty,

@@ -71,6 +71,10 @@ class ThroughputConfig:
         check_positive("warmup", self.warmup, minimum=0)
         if self.compile and self.warmup < 1:
             raise TokenBenchError("compile needs warmup >= 1: the first call compiles and must not be timed")
+        if self.compile and self.cuda_graphs and self.warmup < 3:
+            raise TokenBenchError(
+                "compile with CUDA graphs needs warmup >= 3: torch.compile records its graphs after a few calls"
+            )
         check_positive("iters", self.iters)
         check_positive("windows", self.windows)
         check_positive("threads", self.threads, optional=True)
@@ -182,6 +186,7 @@ def measure_interleaved(
             torch.compiler.reset()  # see harness.measure.modes.compiled
             runners = {name: compiled(model, mode) for name, model in runners.items()}
         batch, halvings, rates = time_with_backoff(runners, size, device, config)
+    release_compiled(device, config)
     protocol = {
         "device": device,
         "precision": config.precision,
@@ -205,6 +210,15 @@ def measure_interleaved(
     }
     name = device_name(device)
     return {key: summarise(rates[key], batch, halvings, name, protocol) for key in models}
+
+
+def release_compiled(device: str, config: ThroughputConfig) -> None:
+    """torch.compile keeps its graphs (and with CUDA graphs their memory pools) in a global store, not
+    in the compiled models: let them go now, before an accuracy pass or the next row needs the memory."""
+    if config.compile:
+        torch.compiler.reset()
+    if device != "cpu":
+        torch.cuda.empty_cache()
 
 
 def time_with_backoff(
@@ -234,13 +248,16 @@ def time_with_backoff(
 def is_out_of_memory(error: BaseException | None) -> bool:
     """Whether `error`, or an error it wraps, is the GPU running out of memory. cuBLAS and cuDNN report
     their failed allocations as plain RuntimeErrors; torch.compile raises its own error, keeping the
-    original as `inner_exception` (and dropping `__cause__`)."""
-    while error is not None:
+    original as `inner_exception` (and dropping `__cause__`); a CUDA graph capture that an allocation
+    broke raises its own error while the OOM is being handled (`__context__`)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         if isinstance(error, torch.cuda.OutOfMemoryError) or any(
             marker in str(error) for marker in OUT_OF_MEMORY_MARKERS
         ):
             return True
-        error = getattr(error, "inner_exception", None) or error.__cause__
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
     return False
 
 

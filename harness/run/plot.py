@@ -25,7 +25,7 @@ LABELS = {"img_per_s": "throughput (img/s)", "gmacs": "GMACs", "top1": "top-1 (%
 WITH_ACCURACY = [("img_per_s", "top1", True), ("gmacs", "top1", False)]
 WITHOUT_ACCURACY = [("keep_rate", "img_per_s", None), ("keep_rate", "gmacs", None), ("gmacs", "img_per_s", None)]
 IDEAL_LABEL = "ideal: vanilla img/s x MAC ratio"
-FIGURE_AXES = ["model", "resolution", "mode"]
+FIGURE_AXES = ["device", "model", "resolution", "mode"]
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str, larger_x_better: bool) -> pd.DataFrame:
@@ -115,7 +115,7 @@ def plot_run(run: str | Path) -> list[Path]:
     carry the resolution and whichever of model, batch size and mode vary within the run."""
     run_dir = Path(run)
     records = with_group_columns(read_records(run_dir))
-    varying = [column for column in ("model", "mode") if records[column].nunique() > 1]
+    varying = [column for column in ("device", "model", "mode") if records[column].nunique() > 1]
     several_batches = records["batch_size_requested"].nunique() > 1
     figures: list[tuple[str, Figure]] = []
     for key, rows in records.groupby([*FIGURE_AXES], sort=True):

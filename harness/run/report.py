@@ -10,7 +10,7 @@ import pandas as pd
 from harness.run.records import REFERENCE, read_records, write_csv_atomically, write_text_atomically
 from methods.errors import TokenBenchError
 
-GROUP = ["model", "resolution", "batch_size_requested", "mode"]
+GROUP = ["device", "model", "resolution", "batch_size_requested", "mode"]
 COLUMNS = [
     *GROUP,
     "method",
@@ -76,8 +76,8 @@ def build_report(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def describe_group(key: tuple) -> str:
-    model, resolution, batch, mode = key
-    return f"{model} at {resolution}x{resolution}, batch {batch}, {mode}"
+    device, model, resolution, batch, mode = key
+    return f"{model} at {resolution}x{resolution}, batch {batch}, {mode} on {device}"
 
 
 def format_markdown(report: pd.DataFrame) -> str:
