@@ -103,7 +103,7 @@ def evo_ops(variant: str) -> dict[str, Counter]:
 
 # The design, op by op (H = heads).
 CLS_ROW = HEADS + 4  # scale the query; H batched mat-vecs reading k in place and their concatenation; softmax; mean
-ASSEMBLY = 5  # sequence positions of the prefix and the chosen patches (arange, add, cat); one row gather (arange, index)
+ASSEMBLY = 5  # positions of the prefix and the chosen patches (arange, add, cat); one row gather (arange, index)
 EXPECTED = {
     "evit": CLS_ROW + 1 + ASSEMBLY + 3,  # top-k; the fused token: weights (scatter), mat-vec, written into its slot
     "prune": CLS_ROW + 1 + ASSEMBLY,  # top-k
@@ -116,7 +116,7 @@ EVO_EXPECTED = {
         "open": 1 + ASSEMBLY + 2 + 4,  # sort; the held tokens' gather; the representative: sum, div, mat-vec, slot
         "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
     },
-    "official": {"start g": CLS_ROW + 1, "blend g": CLS_ROW + 5, "open": 1 + ASSEMBLY + 2, "close": 1},  # write-back: cat
+    "official": {"start g": CLS_ROW + 1, "blend g": CLS_ROW + 5, "open": 1 + ASSEMBLY + 2, "close": 1},  # close: a cat
 }
 
 
