@@ -72,8 +72,11 @@ def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     Autocast would cast all of x to half precision for the mat-vec, a full copy of the token states
     for one token; computing in x's dtype reads x once and gives what fp32 gives without autocast.
     """
+    weights = weights.unsqueeze(1).to(x.dtype)  # [B, 1, M]
+    if not torch.is_autocast_enabled(x.device.type):
+        return weights @ x  # without entering a context: it costs more than the product on a small batch
     with torch.autocast(x.device.type, enabled=False):
-        return weights.unsqueeze(1).to(x.dtype) @ x
+        return weights @ x
 
 
 def fuse_dropped(x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

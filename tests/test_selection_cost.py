@@ -137,12 +137,14 @@ def test_evo_vit_steps_dispatch_the_designed_ops(variant):
     assert ops["open"]["aten::index"] == 2  # kept (with prefix and slot) and held: each token written once
 
 
-@pytest.mark.parametrize("key", VARIANTS)
-def test_compiles_as_one_graph_with_the_eager_logits(key):
+@pytest.mark.parametrize(
+    "key,autocast", [(key, False) for key in VARIANTS] + [("evit", True), ("evo-vit-paper", True)]
+)  # under autocast: the weighted sums leave it for the tokens' own dtype
+def test_compiles_as_one_graph_with_the_eager_logits(key, autocast):
     name, options = VARIANTS[key]
     model = methods.apply(tiny_vit(), name, keep_rate=0.5, locations=LOCATIONS, **options)
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         expected = model(images())
         explained = torch._dynamo.explain(model)(images())
         got = torch.compile(model, backend="aot_eager", fullgraph=True)(images())
