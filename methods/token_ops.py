@@ -51,7 +51,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The tokens at `idx` in each sequence. x: [B, M, C], idx: [B, k] -> [B, k, C]
 
     Indexing (batch, token) copies whole token rows; `torch.gather` with an index expanded over C
-    looks up every element and runs several times slower on CPU.
+    looks up every element and runs two to three times slower on CPU.
     """
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [B, 1]
     return x[rows, idx]
