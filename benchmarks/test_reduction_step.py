@@ -71,7 +71,13 @@ PARTS: dict[str, Callable[[BlockInputs], torch.Tensor]] = {
 }
 
 
-def selecting_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], torch.Tensor]:
+@dataclass(frozen=True)
+class Step:
+    run: Callable[[], torch.Tensor]  # the method's step, returning the tokens it hands on
+    source: torch.Tensor  # [B, N, C] the tokens it reduces
+
+
+def selecting_step(name: str, inputs: BlockInputs, device: str) -> Step:
     """EViT's and prune's step as their patched block runs it: `select_tokens`, between attention
     and FFN, given the q/k that the block's attention would have left for it."""
     model = methods.apply(create_model(MODEL, IMG_SIZE), name, keep_rate=KEEP_RATE, locations=(LOCATION,))
@@ -81,17 +87,17 @@ def selecting_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], 
         block.tapped_qk.update(q_cls=inputs.q_cls, k=inputs.k)
         return block.select_tokens(inputs.attended)
 
-    return step
+    return Step(step, inputs.attended)
 
 
-def pruning_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], torch.Tensor]:
+def pruning_step(name: str, inputs: BlockInputs, device: str) -> Step:
     """DynamicViT's step as its patched block runs it: the predictor, top-k and gather, before the block."""
     model = methods.apply(create_model(MODEL, IMG_SIZE), name, keep_rate=KEEP_RATE, locations=(LOCATION,))
     block = model.to(device).eval().blocks[LOCATION]
-    return lambda: block.prune(inputs.x)
+    return Step(lambda: block.prune(inputs.x), inputs.x)
 
 
-def evolving_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], torch.Tensor]:
+def evolving_step(name: str, inputs: BlockInputs, device: str) -> Step:
     """Evo-ViT's step as its blocks run it: open a stage before the block (full sort of g, gather,
     the representative token) and close it after the last one (fast path, original order restored).
     It returns the tokens the stage's blocks see."""
@@ -105,11 +111,11 @@ def evolving_step(name: str, inputs: BlockInputs, device: str) -> Callable[[], t
         closing.close_stage(opened)
         return opened
 
-    return step
+    return Step(step, inputs.x)
 
 
 # How to run each method's reduction step in isolation; a method missing here is skipped, by name.
-STEPS: dict[str, Callable[[str, BlockInputs, str], Callable[[], torch.Tensor]]] = {
+STEPS: dict[str, Callable[[str, BlockInputs, str], Step]] = {
     "evit": selecting_step,
     "prune": selecting_step,
     "dynamicvit": pruning_step,
@@ -127,14 +133,29 @@ def test_block_and_parts(benchmark, part, inputs, batch_size, device, measured):
     benchmark(measured(lambda: PARTS[part](inputs)))
 
 
-@pytest.mark.parametrize("name", methods.list_methods())
-def test_method_step(benchmark, name, inputs, batch_size, device, measured):
+def method_step(name: str, inputs: BlockInputs, device: str) -> Step:
     if not methods.lookup(name).make_config().locations:
         pytest.skip(f"{name} reduces no tokens")
     if name not in STEPS:
         pytest.skip(f"no reduction-step benchmark for {name} yet: add it to STEPS in {__name__}")
-    step = STEPS[name](name, inputs, device)
-    kept = measured(step)().shape[1] - PREFIX
+    return STEPS[name](name, inputs, device)
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_method_step(benchmark, name, inputs, batch_size, device, measured):
+    step = method_step(name, inputs, device)
+    tokens_out = measured(step.run)().shape[1]
     benchmark.group = group(batch_size, device)
-    benchmark.extra_info.update(method=name, tokens_in=inputs.attended.shape[1], tokens_out=PREFIX + kept)
-    benchmark(measured(step))
+    benchmark.extra_info.update(method=name, tokens_in=step.source.shape[1], tokens_out=tokens_out)
+    benchmark(measured(step.run))
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_floor_step(benchmark, name, inputs, batch_size, device, measured):
+    """The floor of `name`'s step: the same tokens in, as many out, by one slice (`x[:, :n].contiguous()`,
+    what the floor model does between its blocks). The method's step over this is what its selection costs."""
+    step = method_step(name, inputs, device)
+    tokens_out = measured(step.run)().shape[1]
+    benchmark.group = group(batch_size, device)
+    benchmark.extra_info.update(method=f"floor of {name}", tokens_in=step.source.shape[1], tokens_out=tokens_out)
+    benchmark(measured(lambda: step.source[:, :tokens_out].contiguous()))

@@ -23,7 +23,7 @@ from methods.config import ReductionConfig
 from methods.errors import UntrainedWeightsWarning
 from methods.registry import register
 from methods.timm_compat import num_prefix_tokens, require_stock_blocks
-from methods.token_ops import gather_tokens, split_prefix, top_k_indices
+from methods.token_ops import gather_tokens, top_k_indices, with_prefix
 from methods.tracing import report_selection
 
 PREDICTORS_ATTR = "score_predictor"
@@ -105,14 +105,14 @@ class PruningBlock(Block):
         return super().forward(self.prune(x), **block_kwargs)
 
     def prune(self, x: torch.Tensor) -> torch.Tensor:
-        prefix, patches = split_prefix(x, self.prefix)  # [B, P, C], [B, M, C]
+        patches = x[:, self.prefix :]  # [B, M, C]
         if self.stage == 0:
             self.patch_count.n0 = patches.shape[1]
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
         keep_score = self.predictor(patches)[..., 0]  # [B, M]
         kept = top_k_indices(keep_score, n_keep)  # [B, n_keep], highest first
         report_selection(self, kept, others="dropped")
-        return torch.cat([prefix, gather_tokens(patches, kept)], dim=1)
+        return gather_tokens(x, with_prefix(kept, self.prefix))  # [B, P + n_keep, C]
 
 
 def predictors_trained(model: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, split_prefix, top_k_indices
+from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, top_k_indices, with_prefix
 from methods.tracing import report_selection
 
 
@@ -47,17 +47,19 @@ class SelectingBlock(Block):
 
     def select_tokens(self, x: torch.Tensor) -> torch.Tensor:
         q_cls, k, scale = take_tapped_qk(self)
-        prefix, rest = split_prefix(x, self.prefix)  # [B, P, C], [B, M, C]
-        n_keep = keep_count(self.keep_rate, rest.shape[1])
-        if n_keep >= rest.shape[1]:
+        patches = x[:, self.prefix :]  # [B, M, C]
+        n_keep = keep_count(self.keep_rate, patches.shape[1])
+        if n_keep >= patches.shape[1]:
             return x  # nothing to drop: the official code skips fusion too
         scores = class_attention(q_cls, k, scale, self.prefix)  # [B, M]
-        kept = top_k_indices(scores, n_keep)  # [B, n_keep]
-        parts = [prefix, gather_tokens(rest, kept)]
+        # With fusion, one more: the best dropped token, a placeholder row for the fused token.
+        ranked = top_k_indices(scores, n_keep + int(self.fuse))  # [B, n_keep (+ 1)]
+        kept = ranked[:, :n_keep]
+        out = gather_tokens(x, with_prefix(ranked, self.prefix))  # [B, P + n_keep (+ 1), C]
         if self.fuse:
-            parts.append(fuse_dropped(rest, scores, kept))
+            out[:, -1:] = fuse_dropped(patches, scores, kept)
         report_selection(self, kept, others="fused" if self.fuse else "dropped", appended=int(self.fuse))
-        return torch.cat(parts, dim=1)
+        return out
 
 
 def patch_selecting_blocks(model: VisionTransformer, config: ReductionConfig, method: str, fuse: bool) -> None:

@@ -48,7 +48,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import class_attention, gather_tokens, split_prefix
+from methods.token_ops import class_attention, gather_tokens, weighted_sum, with_prefix
 from methods.tracing import report_restore, report_selection
 
 VARIANTS = ("paper", "official")
@@ -119,8 +119,7 @@ def summarise(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
     tokens: [B, M, C], scores: [B, M] -> [B, 1, C]
     """
-    weights = scores / scores.sum(dim=1, keepdim=True)  # [B, M]
-    return weights.unsqueeze(1).to(tokens.dtype) @ tokens
+    return weighted_sum(tokens, scores / scores.sum(dim=1, keepdim=True))
 
 
 class EvoBlock(Block):
@@ -159,22 +158,23 @@ class EvoBlock(Block):
 
     def open_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Keep the patch tokens with the highest g, highest first; hold the others (paper: and summarise them)."""
-        prefix, patches = split_prefix(x, self.prefix)  # [B, p, C], [B, M, C]
+        patches = x[:, self.prefix :]  # [B, M, C]
         keep = int(self.keep_rate * patches.shape[1])
         if keep >= patches.shape[1]:
             return x  # nothing to hold: the stage is the stock blocks
         state = self.state
         scores, order = rank_by_attention(state.attention)  # [B, M] each
-        patches = gather_tokens(patches, order)
+        appended = int(self.variant == "paper")  # the representative token, in the row of the best held one
+        out = gather_tokens(x, with_prefix(order[:, : keep + appended], self.prefix))  # [B, P + keep (+ 1), C]
+        state.held = gather_tokens(patches, order[:, keep:])  # [B, M - keep, C]
         state.positions = order if state.positions is None else state.positions.gather(1, order)
-        state.attention, state.held = scores, patches[:, keep:]
-        parts = [prefix, patches[:, :keep]]
-        if self.variant == "paper":
+        state.attention = scores
+        if appended:
             state.representative = summarise(state.held, scores[:, keep:])
-            parts.append(state.representative)
+            out[:, -1:] = state.representative
         # The tracer is told of a restore at every close, so it takes original indices here.
-        report_selection(self, state.positions[:, :keep], others=HELD_AS[self.variant], appended=len(parts) - 2)
-        return torch.cat(parts, dim=1)
+        report_selection(self, state.positions[:, :keep], others=HELD_AS[self.variant], appended=appended)
+        return out
 
     def close_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Hand the held tokens back: fast path and original order (paper), or as they were, after the kept ones."""
@@ -190,14 +190,19 @@ class EvoBlock(Block):
         return x
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
-        """Fast path for the held tokens, then every patch token back in its original place."""
+        """Fast path for the held tokens, then every patch token written once, straight to its original place."""
         state = self.state
-        prefix, kept, representative = x[:, : self.prefix], x[:, self.prefix : -1], x[:, -1:]
-        held = state.held + (representative - state.representative)  # [B, M - K, C]
-        back = state.positions.argsort(dim=1)  # [B, M]: where each original patch sits now
-        state.attention = state.attention.gather(1, back)
-        state.positions = state.representative = None
-        return torch.cat([prefix, gather_tokens(torch.cat([kept, held], dim=1), back)], dim=1)
+        p, kept = self.prefix, x.shape[1] - self.prefix - 1  # x: prefix, kept tokens, representative
+        held = state.held + (x[:, -1:] - state.representative)  # [B, M - K, C]
+        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [B, 1]
+        out = x.new_empty(x.shape[0], p + state.positions.shape[1], x.shape[2])  # [B, P + M, C]
+        out[:, :p] = x[:, :p]
+        out[:, p:][rows, state.positions[:, :kept]] = x[:, p:-1]
+        out[:, p:][rows, state.positions[:, kept:]] = held
+        attention = state.attention.new_empty(state.attention.shape)  # [B, M]
+        attention[rows, state.positions] = state.attention
+        state.attention, state.positions, state.representative = attention, None, None
+        return out
 
 
 class DeferredLayerNorm(nn.LayerNorm):

@@ -54,3 +54,42 @@ def test_split_prefix(prefix):
     head, rest = token_ops.split_prefix(x, prefix)
     assert head.shape[1] == prefix and rest.shape[1] == 5 - prefix
     assert torch.equal(torch.cat([head, rest], dim=1), x)
+
+
+def fused_qkv_keys(generator: torch.Generator, B: int = 2, N: int = 7, H: int = 3, D: int = 5):
+    """q and k as timm's attention leaves them: views of one [B, N, 3, H, D] projection, heads side by side."""
+    q, k, _ = torch.randn(B, N, 3, H, D, generator=generator).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k  # [B, H, N, D] each, not foldable over (B, H)
+
+
+def test_class_logits_read_the_strided_keys_as_the_explicit_product():
+    q, k = fused_qkv_keys(torch.Generator().manual_seed(1))
+    assert k.stride(0) != k.shape[1] * k.stride(1)  # the per-head path
+    expected = (q @ k.transpose(-2, -1))[:, :, 0]  # [B, H, N], from copies
+    torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], k), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], k.contiguous()), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gather_tokens_and_with_prefix_by_hand():
+    x = torch.arange(2 * 5 * 2.0).view(2, 5, 2)  # token j of sequence b is [10b + 2j, 10b + 2j + 1]
+    idx = torch.tensor([[2, 0], [1, 3]])  # patch indices, after a prefix of 1
+    positions = token_ops.with_prefix(idx, 1)
+    assert positions.tolist() == [[0, 3, 1], [0, 2, 4]]
+    assert token_ops.gather_tokens(x, positions).tolist() == [
+        [[0, 1], [6, 7], [2, 3]],
+        [[10, 11], [14, 15], [18, 19]],
+    ]
+    assert token_ops.with_prefix(idx, 2).tolist() == [[0, 1, 4, 2], [0, 1, 3, 5]]
+
+
+def test_weighted_sum_stays_in_the_tokens_dtype_under_autocast():
+    """Autocast would run the mat-vec on a bfloat16 copy of the tokens; it runs on the fp32 tokens, as without it."""
+    generator = torch.Generator().manual_seed(2)
+    x, weights = torch.randn(2, 6, 4, generator=generator), torch.rand(2, 6, generator=generator)
+    expected = token_ops.weighted_sum(x, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = token_ops.weighted_sum(x, weights)
+        cast = weights.unsqueeze(1) @ x  # what autocast makes of the plain product
+    assert cast.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(expected, (weights.unsqueeze(-1) * x).sum(dim=1, keepdim=True))

@@ -1,0 +1,153 @@
+"""What each method's own selection costs in dispatched ops, and that every method compiles whole.
+
+torch.profiler (CPU) records the aten ops a selection step dispatches; views and allocations do no
+work and are not counted. Each bound below is the design's own count, so a step that regresses to
+more launches (a second copy of the tokens, a concatenation, a cast) fails. torch._dynamo traces each
+method's forward as one graph (fullgraph): no host sync, no data-dependent shape in a selection.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch._dynamo
+from torch.profiler import ProfilerActivity, profile
+
+import methods
+from tests.conftest import tiny_vit
+
+pytestmark = pytest.mark.filterwarnings("ignore:dynamicvit. the score predictors are untrained:UserWarning")
+
+HEADS = 4  # tiny_vit's
+LOCATIONS = (1, 2)
+NO_WORK = frozenset(
+    "aten::" + name
+    for name in (
+        "empty empty_strided empty_like new_empty as_strided view _unsafe_view _reshape_alias reshape slice select "
+        "expand transpose t permute unsqueeze squeeze alias detach resolve_conj resolve_neg lift_fresh unbind split "
+        "narrow to contiguous flatten"
+    ).split()
+)
+VARIANTS = {
+    "evit": ("evit", {}),
+    "prune": ("prune", {}),
+    "dynamicvit": ("dynamicvit", {}),
+    "evo-vit-paper": ("evo-vit", {"variant": "paper"}),
+    "evo-vit-official": ("evo-vit", {"variant": "official"}),
+}
+
+
+def dispatched_ops(fn: Callable[[], object]) -> Counter:
+    """The aten ops that `fn` calls itself (not those they call inside), views and allocations left out."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    events = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in NO_WORK]
+    return Counter(e.name for e in events if outermost(e))
+
+
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+
+
+def tokens_entering(model, index: int) -> torch.Tensor:
+    """The tokens entering block `index` of `model` on `images()`: [B, N, C]"""
+    seen = {}
+    hook = model.blocks[index].register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    model(images())
+    hook.remove()
+    return seen["x"]
+
+
+def selection_ops(name: str) -> Counter:
+    """EViT's or prune's step at the first location, between the block's attention and its FFN."""
+    model = methods.apply(tiny_vit(), name, keep_rate=0.5, locations=LOCATIONS)
+    block = model.blocks[LOCATIONS[0]]
+    x = tokens_entering(model, LOCATIONS[0])
+    attended = x + block.attn(block.norm1(x))  # also leaves the CLS query and the keys for the step
+    return dispatched_ops(lambda: block.select_tokens(attended))
+
+
+def pruning_ops() -> Counter:
+    """DynamicViT's step at the first location, less its predictor (a network of its own)."""
+    model = methods.apply(tiny_vit(), "dynamicvit", keep_rate=0.5, locations=LOCATIONS)
+    block = model.blocks[LOCATIONS[0]]
+    x = tokens_entering(model, LOCATIONS[0])
+    return dispatched_ops(lambda: block.prune(x)) - dispatched_ops(lambda: block.predictor(x[:, 1:]))
+
+
+def evo_ops(variant: str) -> dict[str, Counter]:
+    """Evo-ViT's steps: g started and blended from a CLS row, a stage opened and closed."""
+    model = methods.apply(tiny_vit(), "evo-vit", keep_rate=0.5, locations=(2, 3), variant=variant)
+    starts, opens = model.blocks[1], model.blocks[2]  # block 2 opens and closes the first stage
+    x, entering, opened = tokens_entering(model, 1), tokens_entering(model, 2), []
+    starts.attn(starts.norm1(x))  # leaves the CLS query and the keys for g
+    ops = {"start g": dispatched_ops(starts.track_attention)}  # and starts this forward's stages
+    ops["open"] = dispatched_ops(lambda: opened.append(opens.open_stage(entering)))
+    opens.attn(opens.norm1(opened[0]))
+    ops["blend g"] = dispatched_ops(opens.track_attention)
+    ops["close"] = dispatched_ops(lambda: opens.close_stage(opened[0]))
+    return ops
+
+
+# The design, op by op (H = heads).
+CLS_ROW = HEADS + 4  # scale the query; H batched mat-vecs reading k in place and their concatenation; softmax; mean
+ASSEMBLY = 5  # positions of the prefix and the chosen patches (arange, add, cat); one row gather (arange, index)
+EXPECTED = {
+    "evit": CLS_ROW + 1 + ASSEMBLY + 3,  # top-k; the fused token: weights (scatter), mat-vec, written into its slot
+    "prune": CLS_ROW + 1 + ASSEMBLY,  # top-k
+    "dynamicvit": 1 + ASSEMBLY,  # top-k
+}
+EVO_EXPECTED = {
+    "paper": {
+        "start g": CLS_ROW + 1,  # the head sum
+        "blend g": CLS_ROW + 1 + 4,  # (1 - t) g + t a on the kept tokens' entries, the held ones' appended
+        "open": 1 + ASSEMBLY + 2 + 4,  # sort; the held tokens' gather; the representative: sum, div, mat-vec, slot
+        "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
+    },
+    "official": {"start g": CLS_ROW + 1, "blend g": CLS_ROW + 5, "open": 1 + ASSEMBLY + 2, "close": 1},  # close: a cat
+}
+
+
+@pytest.mark.parametrize("name", ["evit", "prune", "dynamicvit"])
+def test_selection_dispatches_the_designed_ops(name):
+    with torch.inference_mode():
+        ops = pruning_ops() if name == "dynamicvit" else selection_ops(name)
+    assert sum(ops.values()) <= EXPECTED[name], dict(ops)
+    assert ops["aten::index"] == 1 and "aten::gather" not in ops  # the output is assembled by one row gather
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_evo_vit_steps_dispatch_the_designed_ops(variant):
+    with torch.inference_mode():
+        ops = evo_ops(variant)
+    for step, expected in EVO_EXPECTED[variant].items():
+        assert sum(ops[step].values()) <= expected, (step, dict(ops[step]))
+    assert ops["open"]["aten::index"] == 2  # kept (with prefix and slot) and held: each token written once
+
+
+@pytest.mark.parametrize(
+    "key,autocast", [(key, False) for key in VARIANTS] + [("evit", True), ("evo-vit-paper", True)]
+)  # under autocast: the weighted sums leave it for the tokens' own dtype
+def test_compiles_as_one_graph_with_the_eager_logits(key, autocast):
+    name, options = VARIANTS[key]
+    model = methods.apply(tiny_vit(), name, keep_rate=0.5, locations=LOCATIONS, **options)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = model(images())
+        explained = torch._dynamo.explain(model)(images())
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(images())
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
