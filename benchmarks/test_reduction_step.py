@@ -114,12 +114,27 @@ def evolving_step(name: str, inputs: BlockInputs, device: str) -> Step:
     return Step(step, inputs.x)
 
 
+def merging_step(name: str, inputs: BlockInputs, device: str) -> Step:
+    """ToMe's step as its block runs it, at ToMe's DeiT setting r = 13: bipartite matching on the keys'
+    head mean, then the size-weighted merge, between attention and FFN; every token a single patch."""
+    model = methods.apply(create_model(MODEL, IMG_SIZE), name, r=13, locations=(LOCATION,))
+    block = model.to(device).eval().blocks[LOCATION]
+
+    def step() -> torch.Tensor:
+        block.state.size = None  # the first merge of a forward: every token stands for one patch
+        block.tapped_qk.update(q_cls=inputs.q_cls, k=inputs.k)
+        return block.merge(inputs.attended)
+
+    return Step(step, inputs.attended)
+
+
 # How to run each method's reduction step in isolation; a method missing here is skipped, by name.
 STEPS: dict[str, Callable[[str, BlockInputs, str], Step]] = {
     "evit": selecting_step,
     "prune": selecting_step,
     "dynamicvit": pruning_step,
     "evo-vit": evolving_step,
+    "tome": merging_step,
 }
 
 
@@ -134,7 +149,7 @@ def test_block_and_parts(benchmark, part, inputs, batch_size, device, measured):
 
 
 def method_step(name: str, inputs: BlockInputs, device: str) -> Step:
-    if not methods.lookup(name).make_config().locations:
+    if methods.lookup(name).make_config().locations == ():  # None: every block (ToMe)
         pytest.skip(f"{name} reduces no tokens")
     if name not in STEPS:
         pytest.skip(f"no reduction-step benchmark for {name} yet: add it to STEPS in {__name__}")

@@ -37,6 +37,7 @@ VARIANTS = {
     "dynamicvit": ("dynamicvit", {}),
     "evo-vit-paper": ("evo-vit", {"variant": "paper"}),
     "evo-vit-official": ("evo-vit", {"variant": "official"}),
+    "tome": ("tome", {}),
 }
 
 
