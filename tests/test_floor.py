@@ -99,3 +99,18 @@ def test_a_model_that_reduces_tokens_cannot_become_a_twin():
     with pytest.raises(TokenBenchError, match="already has method 'evit' applied"):
         methods.apply_floor(methods.apply(tiny_vit(), "evit", locations=(1,)), counts)
     methods.apply_floor(methods.apply(tiny_vit(), "vanilla"), counts)  # reduces nothing: allowed
+
+
+def test_the_twin_compiles_as_one_graph_carrying_or_not():
+    """The floor is timed compiled and in CUDA graphs too: its slices and in-place carry must trace."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for counts in (floor_counts((17, 9, 9, 17), (17, 9, 5, 17)), floor_counts((17, 17, 9, 5), (17, 9, 5, 5))):
+        model = methods.apply_floor(tiny_vit(), counts)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            expected = model(images)
+            explained = torch._dynamo.explain(model)(images)
+            got = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
+        torch._dynamo.reset()
+        assert explained.graph_break_count == 0
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
