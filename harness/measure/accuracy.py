@@ -191,7 +191,8 @@ def loader_batches(dataset: Dataset, batch_size: int, workers: int, device: str)
             yield Batch(None, labels, None, None, skipped)
             continue
         batch_real = None if real is None else pad_real_labels([real[i] for i in indices]).to(device)
-        yield Batch(images.to(device, non_blocking=True), labels.to(device), None, batch_real, skipped)
+        labels = labels.to(device, non_blocking=True)  # pinned by the loader: no wait for the GPU per batch
+        yield Batch(images.to(device, non_blocking=True), labels, None, batch_real, skipped)
 
 
 def accuracy_columns(

@@ -347,8 +347,19 @@ def default_workers() -> int:
 
 def default_memory_budget() -> int:
     """Half the memory available now, shared by the processes torchrun starts on the machine."""
+    return available_memory() // 2 // max(1, env_int("LOCAL_WORLD_SIZE", 1))
+
+
+def available_memory() -> int:
+    """MemAvailable: free memory plus the page cache the kernel can drop. Free memory alone shrinks
+    as soon as the cache files are written, and would send a large set to the slower memory map."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return available // 2 // max(1, env_int("LOCAL_WORLD_SIZE", 1))
+        return 8 << 30
