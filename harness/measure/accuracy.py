@@ -23,7 +23,7 @@ from harness.measure.decode_cache import DecodedImages
 from harness.measure.distributed import shard_indices, sum_across_ranks
 from harness.measure.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
 from harness.measure.modes import ExecutionMode, cast_for_inference
-from harness.measure.throughput import check_device_dtype, check_device_precision, check_positive, resolve_device
+from harness.measure.throughput import check_gpu_has_dtypes, check_positive, resolve_device
 from methods.errors import TokenBenchError
 
 # The accuracy columns of a sweep row without --data.
@@ -77,8 +77,7 @@ def evaluate(
     check_positive("workers", workers, minimum=0)
     device = resolve_device(device)
     mode = ExecutionMode(device=device, precision=precision, model_dtype=model_dtype)
-    check_device_precision(device, precision)
-    check_device_dtype(device, model_dtype)
+    check_gpu_has_dtypes(mode)
     dataset = data.dataset if isinstance(data, DecodedImages) else data
     check_model_classes(model, dataset)
     subset = scored_classes(model, dataset, class_subset, device)

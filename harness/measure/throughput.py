@@ -26,7 +26,7 @@ import timm
 import torch
 from torch import nn
 
-from harness.measure.modes import ExecutionMode, capture_graph, cast_for_inference, check_precision, compiled
+from harness.measure.modes import ExecutionMode, capture_graph, cast_for_inference, compiled
 from harness.measure.provenance import device_name
 from methods.errors import TokenBenchError
 from methods.timm_compat import check_image_size
@@ -116,17 +116,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def check_device_precision(device: str, precision: str) -> None:
-    """`check_precision` for a resolved device, and bf16 only where the GPU has it."""
-    check_precision(device, precision)
-    if device != "cpu" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TokenBenchError(f"{device_name(device)} has no bf16; use fp16 or fp32")
-
-
-def check_device_dtype(device: str, model_dtype: str) -> None:
-    """bf16 weights only where the GPU has bf16."""
-    if device != "cpu" and model_dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TokenBenchError(f"{device_name(device)} has no bf16; use fp16 or fp32")
+def check_gpu_has_dtypes(mode: ExecutionMode) -> None:
+    """bf16, as autocast or as weights, only where the GPU has it (the mode checks the rest when it is
+    built for a resolved device)."""
+    if mode.device != "cpu" and "bf16" in (mode.precision, mode.model_dtype) and not torch.cuda.is_bf16_supported():
+        raise TokenBenchError(f"{device_name(mode.device)} has no bf16; use fp16 or fp32")
 
 
 def synchronize(device: str) -> None:
@@ -173,8 +167,7 @@ def measure_interleaved(
     device = resolve_device(config.device)
     config = dataclasses.replace(config, device=device)
     mode = config.mode
-    check_device_precision(device, config.precision)
-    check_device_dtype(device, config.model_dtype)
+    check_gpu_has_dtypes(mode)
     for model in models.values():
         size = check_image_size(model, img_size)
     with contextlib.ExitStack() as stack:
