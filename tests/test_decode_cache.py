@@ -135,11 +135,16 @@ def test_a_second_decode_reads_the_cache_without_opening_a_file(tmp_path, opened
     assert first.unreadable.sum() == 1
 
 
-def test_a_changed_file_is_not_served_stale(tmp_path, opened):
-    root = noise_tree(tmp_path / "val", corrupt=False)
-    dataset = load_imagenet_folder(root, None)
+def decoded_once(tmp_path):
+    """24 readable images, decoded into tmp_path/cache once: (dataset, preprocessing)."""
+    dataset = load_imagenet_folder(noise_tree(tmp_path / "val", corrupt=False), None)
     preprocessing = preprocessing_for(tiny_vit(num_classes=CLASSES), 64)
     decode(dataset, range(len(dataset)), preprocessing, cache_dir=tmp_path / "cache")
+    return dataset, preprocessing
+
+
+def test_a_changed_file_is_not_served_stale(tmp_path, opened):
+    dataset, preprocessing = decoded_once(tmp_path)
     path, _ = dataset.samples[5]
     stat = path.stat()
     Image.fromarray(np.full((50, 50, 3), 7, dtype=np.uint8)).save(path, format="JPEG")  # new size
@@ -152,10 +157,7 @@ def test_a_changed_file_is_not_served_stale(tmp_path, opened):
 
 
 def test_a_same_size_rewrite_is_caught_by_its_time(tmp_path, opened):
-    root = noise_tree(tmp_path / "val", corrupt=False)
-    dataset = load_imagenet_folder(root, None)
-    preprocessing = preprocessing_for(tiny_vit(num_classes=CLASSES), 64)
-    decode(dataset, range(len(dataset)), preprocessing, cache_dir=tmp_path / "cache")
+    dataset, preprocessing = decoded_once(tmp_path)
     path, _ = dataset.samples[0]
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))
     opened.clear()
