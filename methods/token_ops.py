@@ -22,13 +22,18 @@ def class_logits(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The CLS query's dot product with every key, per head. q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, H, N]
 
     timm's fused qkv leaves k a view whose heads sit side by side in each token's row, so (B, H) do not
-    fold into one batch dimension and a batched matmul would first copy k whole. Then each head is one
-    batched mat-vec that reads its columns in place: H small launches instead of a copy of the keys.
+    fold into one batch dimension and a batched matmul would first copy k whole. Each token's row of
+    keys is contiguous, though: multiplying it by the block-diagonal matrix of the H queries ([H, H*D],
+    head h's query in columns h*D..(h+1)*D) gives all H logits in one batched matmul that reads k in
+    place, at H times the multiply-adds of a small product (zeros add exactly).
     """
-    if k.stride(0) == k.shape[1] * k.stride(1):  # (B, H) fold: one batched matmul reads k in place
+    batch, heads, _, _ = k.shape
+    if k.stride(0) == heads * k.stride(1):  # (B, H) fold (qk-norm's own k): one batched matmul as it is
         return (q_cls @ k.transpose(-2, -1))[:, :, 0]
-    rows = [q_cls[:, h] @ k[:, h].transpose(-2, -1) for h in range(k.shape[1])]  # H x [B, 1, N]
-    return torch.cat(rows, dim=1)
+    keys = k.transpose(1, 2).flatten(2)  # [B, N, H*D], a view of timm's qkv
+    eye = torch.eye(heads, dtype=q_cls.dtype, device=q_cls.device).unsqueeze(-1)  # [H, H, 1]
+    queries = (q_cls.transpose(1, 2) * eye).flatten(2)  # [B, H, H*D] block-diagonal
+    return queries @ keys.transpose(1, 2)
 
 
 def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float, prefix: int) -> torch.Tensor:

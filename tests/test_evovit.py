@@ -317,7 +317,7 @@ def test_bad_options_are_clear_errors(options, message):
 
 def analytic_macs(model, counts, config):
     """Exact MACs of an Evo-ViT DeiT from the tokens each block processes (selection opens a block)."""
-    C = model.embed_dim
+    C, heads = model.embed_dim, model.blocks[0].attn.num_heads
     hidden = model.blocks[0].mlp.fc1.out_features
     patches = 196
     total = patches * C * 3 * 16 * 16  # patch embedding
@@ -326,7 +326,7 @@ def analytic_macs(model, counts, config):
         total += 5 * n * C + 3 * n * C * C + 2 * n * n * C + n * C * C  # norm1, qkv, q k^T + a v, proj
         total += 5 * n * C + 2 * n * C * hidden  # norm2, fc1 + fc2
         if first - 1 <= i < last:
-            total += n * C  # the CLS row that updates g
+            total += heads * n * C  # the CLS row that updates g: block-diagonal queries against n keys
         if i in config.locations and config.variant == "paper":
             total += (patches - int(config.keep_rate * patches)) * C  # the representative token
     final_norm = 5 * (1 + patches) * C if config.pooling == "cls" else 5 * C

@@ -55,7 +55,7 @@ def test_evit_higher_resolution_at_the_same_compute(img_size, keep_rate, expecte
 
 def analytic_macs(model, counts, img_size, method):
     """Exact MACs of a DeiT from the tokens entering each block and each block's FFN."""
-    C = model.embed_dim
+    C, heads = model.embed_dim, model.blocks[0].attn.num_heads
     hidden = model.blocks[0].mlp.fc1.out_features
     patches = (img_size // 16) ** 2
     total = patches * C * 3 * 16 * 16  # patch embedding convolution
@@ -64,7 +64,7 @@ def analytic_macs(model, counts, img_size, method):
         total += 5 * n * C + 3 * n * C * C + 2 * n * n * C + n * C * C  # norm1, qkv, q k^T + a v, proj
         total += 5 * m * C + 2 * m * C * hidden  # norm2, fc1 + fc2
         if i in model.tokenbench_method.config.locations and method != "vanilla":
-            total += n * C  # the CLS row: one query against n keys, all heads
+            total += heads * n * C  # the CLS row: block-diagonal queries (one per head) against n keys
             if method == "evit":
                 total += (n - 1) * C  # the fused token: a weighted sum over the non-CLS tokens
     total += 5 * counts[-1] * C + C * model.num_classes  # final norm, head

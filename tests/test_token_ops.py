@@ -64,7 +64,7 @@ def fused_qkv_keys(generator: torch.Generator, B: int = 2, N: int = 7, H: int = 
 
 def test_class_logits_read_the_strided_keys_as_the_explicit_product():
     q, k = fused_qkv_keys(torch.Generator().manual_seed(1))
-    assert k.stride(0) != k.shape[1] * k.stride(1)  # the per-head path
+    assert k.stride(0) != k.shape[1] * k.stride(1)  # the block-diagonal path: (B, H) do not fold
     expected = (q @ k.transpose(-2, -1))[:, :, 0]  # [B, H, N], from copies
     torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], k), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], k.contiguous()), expected, rtol=1e-6, atol=1e-6)
