@@ -63,13 +63,20 @@ class ScorePredictor(nn.Module):
             nn.LogSoftmax(dim=-1),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, M, C] -> [B, M, 2]; channel 0 is log P(keep)."""
-        h = self.in_conv(x)  # [B, M, C]
+    def forward(self, x: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+        """Scores of the tokens after the first `prefix`: x: [B, N, C] -> [B, N - prefix, 2]; channel 0 is log P(keep).
+
+        The norm and the first linear layer run on every row of x, the prefix's too: on the patch tokens
+        alone each would first copy them (a norm needs contiguous rows, a linear layer rows it can fold
+        over the batch), a pass over all tokens that costs more than the prefix rows' work.
+        """
+        norm, linear, gelu = self.in_conv
+        h = gelu(linear(norm(x))[:, prefix:])  # [B, M, C]
         half = h.shape[-1] // 2
-        local = h[..., :half]  # [B, M, C/2]
-        global_ = h[..., half:].mean(dim=1, keepdim=True).expand(-1, h.shape[1], -1)  # [B, M, C/2]
-        return self.out_conv(torch.cat([local, global_], dim=-1))
+        # [local, global]: the global half becomes the mean over the M tokens, written over in place
+        # rather than concatenated, so only the global half is written again.
+        h[..., half:] = h[..., half:].mean(dim=1, keepdim=True)
+        return self.out_conv(h)
 
 
 class ScorePredictors(nn.ModuleList):
@@ -109,7 +116,7 @@ class PruningBlock(Block):
         if self.stage == 0:
             self.patch_count.n0 = patches.shape[1]
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
-        keep_score = self.predictor(patches)[..., 0]  # [B, M]
+        keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, M]
         kept = top_k_indices(keep_score, n_keep)  # [B, n_keep], highest first
         report_selection(self, kept, others="dropped")
         return gather_tokens(x, with_prefix(kept, self.prefix))  # [B, P + n_keep, C]

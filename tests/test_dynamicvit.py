@@ -288,15 +288,15 @@ def test_deit_base_macs():
 
 
 def test_macs_equal_the_analytic_formula():
-    """Blocks on the tokens they see, plus each predictor on the patch tokens it scores (mean and
-    element-wise ops free, layer norms 5 per element)."""
+    """Blocks on the tokens they see, plus each predictor on the patch tokens it scores, its norm and first
+    layer on all tokens (mean and element-wise ops free, layer norms 5 per element)."""
     model = methods.apply(timm.create_model("deit_small_patch16_224"), "dynamicvit", keep_rate=0.7)
     C, hidden, n = 384, 1536, 197
     total = 196 * C * 3 * 16 * 16
     for i in range(12):
         if i in (3, 6, 9):
-            m = n - 1  # patch tokens scored
-            total += m * (5 * C + C * C + C * (C // 2) + (C // 2) * (C // 4) + (C // 4) * 2)
+            m = n - 1  # patch tokens scored; the predictor's norm and first layer run on every token
+            total += n * (5 * C + C * C) + m * (C * (C // 2) + (C // 2) * (C // 4) + (C // 4) * 2)
             n = 1 + keep_count(0.7, (3, 6, 9).index(i), 196)
         total += 5 * n * C + 4 * n * C * C + 2 * n * n * C + 5 * n * C + 2 * n * C * hidden
     total += 5 * n * C + C * 1000
