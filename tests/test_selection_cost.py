@@ -132,6 +132,23 @@ def test_selection_dispatches_the_designed_ops(name):
     assert not any(copy in ops for copy in COPIES), dict(ops)
 
 
+def test_dynamicvit_predictor_copies_no_tokens():
+    """Its norm and first layer run on whole rows (on the patch slice they would copy it first), and the
+    global half is written over in place (no concatenation of the two halves)."""
+    model = methods.apply(tiny_vit(), "dynamicvit", keep_rate=0.5, locations=LOCATIONS)
+    block = model.blocks[LOCATIONS[0]]
+    x = tokens_entering(model, LOCATIONS[0])
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        block.predictor(x, 1)
+    copied = [
+        (e.name, e.input_shapes[0])
+        for e in prof.events()
+        if e.name == "aten::cat"  # the profiler records no shapes for a list of tensors
+        or e.name in (*COPIES, "aten::contiguous") and len(e.input_shapes[0]) == 3  # [B, N, C]: tokens
+    ]
+    assert not copied, copied
+
+
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_evo_vit_steps_dispatch_the_designed_ops(variant):
     with torch.inference_mode():
