@@ -147,14 +147,16 @@ class EvoBlock(Block):
 
     def track_attention(self) -> None:
         q_cls, k, scale = take_tapped_qk(self)
-        attention = self.attn.num_heads * class_attention(q_cls, k, scale, self.prefix)  # [B, n]: head sum
+        heads, t = self.attn.num_heads, self.tradeoff
+        attention = class_attention(q_cls, k, scale, self.prefix)  # [B, n]: the head mean
         if self.starts:
-            self.state.begin(attention)
+            self.state.begin(heads * attention)  # g is the head sum
             return
         state = self.state
         n = attention.shape[1] - int(state.representative is not None)  # the representative's column is no patch
-        blended = (1 - self.tradeoff) * state.attention[:, :n] + self.tradeoff * attention[:, :n]  # [B, n]
-        state.attention = torch.cat([blended, state.attention[:, n:]], dim=1)
+        # g = (1 - t) g + t * (head sum) on the kept tokens' entries, in place: the held ones' stay as they are.
+        # g is this forward's own tensor (from the sort that opened the stage), read by nothing else.
+        state.attention[:, :n].mul_(1 - t).add_(attention[:, :n], alpha=t * heads)
 
     def open_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Keep the patch tokens with the highest g, highest first; hold the others (paper: and summarise them)."""

@@ -115,11 +115,11 @@ EXPECTED = {
 EVO_EXPECTED = {
     "paper": {
         "start g": CLS_ROW + 1,  # the head sum
-        "blend g": CLS_ROW + 1 + 4,  # (1 - t) g + t a on the kept tokens' entries, the held ones' appended
+        "blend g": CLS_ROW + 2,  # g = (1 - t) g + t H a, in place on the kept tokens' entries
         "open": 1 + ASSEMBLY + 2 + 4,  # sort; the held tokens' gather; the representative: sum, div, mat-vec, slot
         "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
     },
-    "official": {"start g": CLS_ROW + 1, "blend g": CLS_ROW + 5, "open": 1 + ASSEMBLY + 2, "close": 1},  # close: a cat
+    "official": {"start g": CLS_ROW + 1, "blend g": CLS_ROW + 2, "open": 1 + ASSEMBLY + 2, "close": 1},  # close: a cat
 }
 
 
