@@ -102,17 +102,38 @@ def bipartite_soft_matching(
 
 
 def merge_weighted(
-    x: torch.Tensor, size: torch.Tensor, kept: torch.Tensor, merged: torch.Tensor, into: torch.Tensor, prefix: int
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    kept: torch.Tensor,
+    merged: torch.Tensor,
+    into: torch.Tensor,
+    prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average each merged A token into its B token, weighted by size; ToMe's order after: the prefix,
-    the kept A tokens, the B tokens. x: [B, N, C], size: [B, N, 1] -> [B, N - r, C], [B, N - r, 1]"""
-    weighted = torch.cat([x * size, size], dim=-1)  # [B, N, C + 1]: sizes ride along as a last channel
-    a, b = weighted[:, ::2], weighted[:, 1::2]  # [B, Na, C + 1], [B, Nb, C + 1]
-    index = into.unsqueeze(-1).expand(-1, -1, b.shape[-1])  # [B, r, C + 1]
-    b = b.scatter_reduce(1, index, gather_tokens(a, merged), reduce="sum")  # [B, Nb, C + 1]
-    parts = [weighted[:, :prefix], gather_tokens(a, kept)[:, (prefix + 1) // 2 :], b[:, prefix // 2 :]]
-    out = torch.cat(parts, dim=1)  # [B, N - r, C + 1]
-    return out[..., :-1] / out[..., -1:], out[..., -1:]
+    the kept A tokens, the B tokens. x: [B, N, C], size: [B, N, 1] (None: every token one patch)
+    -> [B, N - r, C], [B, N - r, 1]
+
+    One gather writes every token that stays to its place, the merged ones are added into their B
+    tokens there, and the sums are divided by the sizes in place: the tokens are written about twice,
+    where concatenating ToMe's [x * size, size] and its parts writes them five times.
+    """
+    batch, n, channels = x.shape
+    in_a, in_b = (prefix + 1) // 2, prefix // 2  # prefix tokens in A (even positions) and in B (odd ones)
+    weighted = x if size is None else x * size  # [B, N, C]
+    b_positions = torch.arange(2 * in_b + 1, n, 2, device=x.device).expand(batch, -1)  # [B, Nb - in_b]
+    prefix_positions = torch.arange(prefix, device=x.device).expand(batch, -1)  # [B, prefix]
+    positions = torch.cat([prefix_positions, 2 * kept[:, in_a:], b_positions], dim=1)  # [B, N - r]
+    sources = 2 * merged  # [B, r] the merged A tokens' positions
+    targets = (into + (prefix + kept.shape[1] - in_a - in_b)).unsqueeze(-1)  # [B, r, 1] their B tokens' rows after
+    out = gather_tokens(weighted, positions).scatter_add_(
+        1, targets.expand(-1, -1, channels), gather_tokens(weighted, sources)
+    )  # [B, N - r, C]
+    if size is None:  # each token one patch, each merged one more
+        out_size = x.new_ones(batch, positions.shape[1], 1)  # [B, N - r, 1]
+        out_size.scatter_add_(1, targets, x.new_ones(batch, sources.shape[1], 1))
+    else:
+        out_size = gather_tokens(size, positions).scatter_add_(1, targets, gather_tokens(size, sources))
+    return out.div_(out_size), out_size
 
 
 def merge_destinations(
@@ -172,12 +193,11 @@ class MergingBlock(Block):
         r = min(r, (x.shape[1] - self.prefix) // 2)  # ToMe's cap: at most half the mergeable tokens
         if r <= 0:
             return x
-        size = self.state.size if self.state.size is not None else x.new_ones(*x.shape[:2], 1)  # [B, N, 1]
         kept, merged, into = bipartite_soft_matching(k.mean(dim=1), r, self.prefix)
         if is_traced(self):
             destination = merge_destinations(kept, merged, into, x.shape[1], self.prefix)[:, self.prefix :]
             report_merge(self, destination - self.prefix, x.shape[1] - r - self.prefix)
-        x, self.state.size = merge_weighted(x, size, kept, merged, into, self.prefix)
+        x, self.state.size = merge_weighted(x, self.state.size, kept, merged, into, self.prefix)
         return x
 
 

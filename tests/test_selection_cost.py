@@ -104,7 +104,7 @@ def evo_ops(variant: str) -> dict[str, Counter]:
 
 
 # The design, op by op (H = heads).
-CLS_ROW = 6  # scale the query; the block-diagonal queries (eye, mul); one batched matmul reading k in place; softmax; mean
+CLS_ROW = 6  # scale the query; block-diagonal queries (eye, mul); one batched matmul reading k in place; softmax; mean
 COPIES = ("aten::clone", "aten::_to_copy")  # a copy of the keys or the tokens, or a cast of them
 ASSEMBLY = 5  # positions of the prefix and the chosen patches (arange, add, cat); one row gather (arange, index)
 EXPECTED = {
@@ -140,13 +140,36 @@ def test_dynamicvit_predictor_copies_no_tokens():
     x = tokens_entering(model, LOCATIONS[0])
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         block.predictor(x, 1)
+    tokens_copied = (*COPIES, "aten::contiguous")  # of a [B, N, C] input; a cat's list of inputs has no shapes
     copied = [
         (e.name, e.input_shapes[0])
         for e in prof.events()
-        if e.name == "aten::cat"  # the profiler records no shapes for a list of tensors
-        or e.name in (*COPIES, "aten::contiguous") and len(e.input_shapes[0]) == 3  # [B, N, C]: tokens
+        if e.name == "aten::cat" or (e.name in tokens_copied and len(e.input_shapes[0]) == 3)
     ]
     assert not copied, copied
+
+
+# ToMe's matching: the keys' head mean; cosine similarity (norm, div, matmul A B^T); the prefix's two -inf
+# fills; each A token's best B (max); the order of the best (argsort); the kept ones sorted; their B (gather).
+TOME_MATCHING = 10
+# Its merge: positions (2 aranges, 2 kept, cat) and the tokens there (arange, index); the merged ones (2 merged,
+# arange, index) added into their B rows (targets: add; scatter_add_); the same for the sizes (sized: arange,
+# index twice; first merge: two new_ones); divided in place (div_). Sized, x * size comes first.
+TOME_EXPECTED = {"first": TOME_MATCHING + 15, "sized": TOME_MATCHING + 18}
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_tome_merge_dispatches_the_designed_ops(sized):
+    model = methods.apply(tiny_vit(), "tome", r=3, locations=LOCATIONS)
+    block = model.blocks[LOCATIONS[0]]
+    x = tokens_entering(model, LOCATIONS[0])
+    with torch.inference_mode():
+        attended = x + block.attn(block.norm1(x))
+        block.state.size = torch.full((*x.shape[:2], 1), 2.0) if sized else None
+        ops = dispatched_ops(lambda: block.merge(attended))
+    assert sum(ops.values()) <= TOME_EXPECTED["sized" if sized else "first"], dict(ops)
+    assert ops["aten::cat"] == 1 and "aten::scatter_reduce" not in ops, dict(ops)  # the cat: positions, not tokens
+    assert not any(copy in ops for copy in COPIES), dict(ops)
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
