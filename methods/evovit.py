@@ -155,8 +155,11 @@ class EvoBlock(Block):
         state = self.state
         n = attention.shape[1] - int(state.representative is not None)  # the representative's column is no patch
         # g = (1 - t) g + t * (head sum) on the kept tokens' entries, in place: the held ones' stay as they are.
-        # g is this forward's own tensor (from the sort that opened the stage), read by nothing else.
-        state.attention[:, :n].mul_(1 - t).add_(attention[:, :n], alpha=t * heads)
+        # g is this forward's own tensor (from the sort that opened the stage); under autograd the
+        # representative token's weights are a saved view of it, so the blend goes to a copy there.
+        g = state.attention.clone() if state.attention.requires_grad else state.attention
+        g[:, :n].mul_(1 - t).add_(attention[:, :n], alpha=t * heads)
+        state.attention = g
 
     def open_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Keep the patch tokens with the highest g, highest first; hold the others (paper: and summarise them)."""

@@ -182,6 +182,15 @@ def test_evo_vit_steps_dispatch_the_designed_ops(variant):
     assert ops["open"]["aten::index"] == 2  # kept (with prefix and slot) and held: each token written once
 
 
+@pytest.mark.parametrize("key", VARIANTS)
+def test_in_place_steps_stay_differentiable(key):
+    """The steps write into their own buffers in place; autograd must still find what it saved intact."""
+    name, options = VARIANTS[key]
+    model = methods.apply(tiny_vit(), name, keep_rate=0.5, locations=LOCATIONS, **options)
+    model(images()).sum().backward()
+    assert all(p.grad is not None for p in model.blocks[0].parameters())
+
+
 @pytest.mark.parametrize(
     "key,autocast", [(key, False) for key in VARIANTS] + [("evit", True), ("evo-vit-paper", True)]
 )  # under autocast: the weighted sums leave it for the tokens' own dtype

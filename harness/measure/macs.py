@@ -55,6 +55,7 @@ ZERO_MAC_OPS = frozenset(
         "aten::new_ones",
         "aten::fill_",
         "aten::zeros_like",
+        "aten::clone",
         "aten::eye",
         "aten::type_as",
         "aten::to",
