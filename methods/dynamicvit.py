@@ -112,9 +112,8 @@ class PruningBlock(Block):
         return super().forward(self.prune(x), **block_kwargs)
 
     def prune(self, x: torch.Tensor) -> torch.Tensor:
-        patches = x[:, self.prefix :]  # [B, M, C]
         if self.stage == 0:
-            self.patch_count.n0 = patches.shape[1]
+            self.patch_count.n0 = x.shape[1] - self.prefix
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
         keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, M]
         kept = top_k_indices(keep_score, n_keep)  # [B, n_keep], highest first

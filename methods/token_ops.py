@@ -27,7 +27,7 @@ def class_logits(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     head h's query in columns h*D..(h+1)*D) gives all H logits in one batched matmul that reads k in
     place, at H times the multiply-adds of a small product (zeros add exactly).
     """
-    batch, heads, _, _ = k.shape
+    heads = k.shape[1]
     if k.stride(0) == heads * k.stride(1):  # (B, H) fold (qk-norm's own k): one batched matmul as it is
         return (q_cls @ k.transpose(-2, -1))[:, :, 0]
     keys = k.transpose(1, 2).flatten(2)  # [B, N, H*D], a view of timm's qkv
