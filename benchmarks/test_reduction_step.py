@@ -20,7 +20,7 @@ import methods
 from benchmarks.conftest import IMG_SIZE, MODEL
 from harness.measure.models import create_model
 from methods.timm_compat import take_tapped_qk, tap_query_key
-from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, split_prefix, top_k_indices
+from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, top_k_positions
 
 LOCATION = 3
 KEEP_RATE = 0.7
@@ -35,8 +35,8 @@ class BlockInputs:
     q_cls: torch.Tensor  # [B, H, 1, D] the class token's query
     k: torch.Tensor  # [B, H, N, D] the keys
     scale: float
-    scores: torch.Tensor  # [B, N - 1] class attention to each patch
-    kept: torch.Tensor  # [B, k] the patches kept
+    scores: torch.Tensor  # [B, N] class attention to each token (the prefix's set to +inf by the top-k)
+    kept: torch.Tensor  # [B, 1 + k] sequence positions of the class token and the patches kept
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +52,25 @@ def inputs(images: torch.Tensor, device: str) -> BlockInputs:
         x = captured["x"]
         attended = x + tapped.attn(tapped.norm1(x))  # DeiT: no LayerScale, no drop-path in eval
         q_cls, k, scale = take_tapped_qk(tapped)
-        scores = class_attention(q_cls, k, scale, PREFIX)
-        kept = top_k_indices(scores, keep_count(KEEP_RATE, scores.shape[1]))
+        scores = class_attention(q_cls, k, scale)
+        kept = top_k_positions(scores, keep_count(KEEP_RATE, scores.shape[1] - PREFIX), PREFIX)
     hook.remove()
     return BlockInputs(block, x, attended, q_cls, k, scale, scores, kept)
 
 
-def patches(inputs: BlockInputs) -> torch.Tensor:
-    return split_prefix(inputs.attended, PREFIX)[1]  # [B, N - 1, C]
+def fusion(inputs: BlockInputs) -> torch.Tensor:
+    """The fused token, on a copy of the scores (the fusion overwrites them), into a token of its own."""
+    fused = inputs.attended.new_empty(inputs.attended.shape[0], 1, inputs.attended.shape[2])
+    fuse_dropped(inputs.attended, inputs.scores.clone(), inputs.kept, out=fused)
+    return fused
 
 
 PARTS: dict[str, Callable[[BlockInputs], torch.Tensor]] = {
     "block: stock timm Block forward": lambda i: i.block(i.x),
-    "part: scoring (class_attention)": lambda i: class_attention(i.q_cls, i.k, i.scale, PREFIX),
-    "part: top-k": lambda i: top_k_indices(i.scores, i.kept.shape[1]),
-    "part: gather": lambda i: gather_tokens(patches(i), i.kept),
-    "part: fusion": lambda i: fuse_dropped(patches(i), i.scores, i.kept),
+    "part: scoring (class_attention)": lambda i: class_attention(i.q_cls, i.k, i.scale),
+    "part: top-k": lambda i: top_k_positions(i.scores, i.kept.shape[1] - PREFIX, PREFIX),
+    "part: gather": lambda i: gather_tokens(i.attended, i.kept),
+    "part: fusion": fusion,
 }
 
 
@@ -106,7 +109,7 @@ def evolving_step(name: str, inputs: BlockInputs, device: str) -> Step:
     opening, closing = blocks[LOCATION], blocks[-1]
 
     def step() -> torch.Tensor:
-        opening.state.begin(inputs.scores)  # g as the block before would leave it (the head sum ranks alike)
+        opening.state.begin(inputs.scores[:, PREFIX:])  # g as the block before leaves it (the head sum ranks alike)
         opened = opening.open_stage(inputs.x)
         closing.close_stage(opened)
         return opened

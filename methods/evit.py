@@ -23,7 +23,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, top_k_indices, with_prefix
+from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, top_k_positions
 from methods.tracing import report_selection
 
 
@@ -47,18 +47,19 @@ class SelectingBlock(Block):
 
     def select_tokens(self, x: torch.Tensor) -> torch.Tensor:
         q_cls, k, scale = take_tapped_qk(self)
-        patches = x[:, self.prefix :]  # [B, M, C]
-        n_keep = keep_count(self.keep_rate, patches.shape[1])
-        if n_keep >= patches.shape[1]:
+        patches = x.shape[1] - self.prefix
+        n_keep = keep_count(self.keep_rate, patches)
+        if n_keep >= patches:
             return x  # nothing to drop: the official code skips fusion too
-        scores = class_attention(q_cls, k, scale, self.prefix)  # [B, M]
+        scores = class_attention(q_cls, k, scale)  # [B, N]
         # With fusion, one more: the best dropped token, a placeholder row for the fused token.
-        ranked = top_k_indices(scores, n_keep + int(self.fuse))  # [B, n_keep (+ 1)]
-        kept = ranked[:, :n_keep]
-        out = gather_tokens(x, with_prefix(ranked, self.prefix))  # [B, P + n_keep (+ 1), C]
+        ranked = top_k_positions(scores, n_keep + int(self.fuse), self.prefix)  # [B, P + n_keep (+ 1)]
+        kept = ranked[:, : self.prefix + n_keep]  # sequence positions, the prefix's first
+        out = gather_tokens(x, ranked)  # [B, P + n_keep (+ 1), C]
         if self.fuse:
-            out[:, -1:] = fuse_dropped(patches, scores, kept)
-        report_selection(self, kept, others="fused" if self.fuse else "dropped", appended=int(self.fuse))
+            fuse_dropped(x, scores, kept, out=out[:, -1:])
+        others = "fused" if self.fuse else "dropped"
+        report_selection(self, kept[:, self.prefix :], others=others, appended=int(self.fuse), offset=self.prefix)
         return out
 
 

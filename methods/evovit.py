@@ -148,7 +148,7 @@ class EvoBlock(Block):
     def track_attention(self) -> None:
         q_cls, k, scale = take_tapped_qk(self)
         heads, t = self.attn.num_heads, self.tradeoff
-        attention = class_attention(q_cls, k, scale, self.prefix)  # [B, n]: the head mean
+        attention = class_attention(q_cls, k, scale)[:, self.prefix :]  # [B, n]: the head mean
         if self.starts:
             self.state.begin(heads * attention)  # g is the head sum
             return

@@ -18,33 +18,34 @@ def keep_count(keep_rate: float, n: int) -> int:
     return math.ceil(keep_rate * n)
 
 
-def class_logits(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The CLS query's dot product with every key, per head. q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, H, N]
+def class_logits(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The scaled CLS query's dot product with every key, per head. q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, H, N]
 
     timm's fused qkv leaves k a view whose heads sit side by side in each token's row, so (B, H) do not
     fold into one batch dimension and a batched matmul would first copy k whole. Each token's row of
     keys is contiguous, though: multiplying it by the block-diagonal matrix of the H queries ([H, H*D],
     head h's query in columns h*D..(h+1)*D) gives all H logits in one batched matmul that reads k in
-    place, at H times the multiply-adds of a small product (zeros add exactly).
+    place, at H times the multiply-adds of a small product (zeros add exactly). The matrix is zeros with
+    the scaled queries added onto its diagonal blocks: two launches, and 0 + scale * q is q * scale.
     """
-    heads = k.shape[1]
+    batch, heads, _, dim = q_cls.shape
     if k.stride(0) == heads * k.stride(1):  # (B, H) fold (qk-norm's own k): one batched matmul as it is
-        return (q_cls @ k.transpose(-2, -1))[:, :, 0]
+        return (q_cls * scale @ k.transpose(-2, -1))[:, :, 0]
     keys = k.transpose(1, 2).flatten(2)  # [B, N, H*D], a view of timm's qkv
-    eye = torch.eye(heads, dtype=q_cls.dtype, device=q_cls.device).unsqueeze(-1)  # [H, H, 1]
-    queries = (q_cls.transpose(1, 2) * eye).flatten(2)  # [B, H, H*D] block-diagonal
+    queries = q_cls.new_zeros(batch, heads, heads * dim)  # [B, H, H*D]
+    diagonal = queries.view(batch, heads, heads, dim).diagonal(dim1=1, dim2=2)  # [B, D, H]: head h's block, row h
+    diagonal.add_(q_cls[:, :, 0].transpose(1, 2), alpha=scale)
     return queries @ keys.transpose(1, 2)
 
 
-def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float, prefix: int) -> torch.Tensor:
-    """Post-softmax attention from the CLS query to each non-prefix key, averaged over heads.
+def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Post-softmax attention from the CLS query to every key (the prefix's too), averaged over heads.
 
     Only the CLS row is computed (H x N dot products), never the N x N matrix; the softmax runs
-    over all keys, so the weights are those of the full attention, not renormalised.
-    q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, N - prefix]
+    over all keys, so the weights are those of the full attention.
+    q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, N]
     """
-    attn = class_logits(q_cls * scale, k).softmax(dim=-1)  # [B, H, N]
-    return attn[:, :, prefix:].mean(dim=1)
+    return class_logits(q_cls, k, scale).softmax(dim=-1).mean(dim=1)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,6 +61,21 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """
     rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [B, 1]
     return x[rows, idx]
+
+
+def top_k_positions(scores: torch.Tensor, k: int, prefix: int) -> torch.Tensor:
+    """Sequence positions of the prefix tokens, in order, then of the k highest-scoring patch tokens,
+    highest first. scores: [B, N], one per token of the sequence -> [B, prefix + k]
+
+    The prefix's scores are overwritten with +inf, so one top-k over the whole sequence puts the prefix
+    first and gives positions, not patch indices: no index arithmetic or concatenation to prepend the
+    prefix's own positions. Among the patches it ranks as a top-k over them alone.
+    """
+    scores[:, :prefix] = math.inf
+    positions = torch.topk(scores, prefix + k, dim=1, largest=True, sorted=True).indices
+    if prefix > 1:  # +inf ties: the prefix tokens come first, in any order among themselves
+        positions[:, :prefix] = torch.arange(prefix, device=positions.device)
+    return positions
 
 
 def with_prefix(idx: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -84,14 +100,17 @@ def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weights @ x
 
 
-def fuse_dropped(x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """EViT's fused token: sum of the dropped tokens weighted by their (raw) scores.
+def fuse_dropped(x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:
+    """EViT's fused token, written into `out`: the sum of the tokens not in `kept`, weighted by their raw scores.
 
-    The kept tokens' weights are zeroed rather than the dropped ones gathered: one scatter and a
-    batched mat-vec instead of a sort for the complement.
-    x: [B, M, C], scores: [B, M], kept: [B, k] -> [B, 1, C]
+    The kept tokens' weights are zeroed in `scores` itself (it is overwritten) rather than the dropped
+    tokens gathered: one scatter and a batched mat-vec instead of a sort for the complement. The mat-vec
+    writes straight into `out` (the fused token's row of the output), so no [B, 1, C] result is copied
+    there; an in-place product is not autocast, so it reads x once, in x's dtype, as `weighted_sum`.
+    x: [B, N, C], scores: [B, N], kept: [B, k] (every prefix position among them), out: [B, 1, C]
     """
-    return weighted_sum(x, scores.scatter(1, kept, 0.0))
+    weights = scores.scatter_(1, kept, 0.0).unsqueeze(1).to(x.dtype)  # [B, 1, N]
+    out.baddbmm_(weights, x, beta=0)
 
 
 def split_prefix(x: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:

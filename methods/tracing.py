@@ -71,12 +71,13 @@ class SelectionTracer:
         self.positions = self.original_order(*self.positions.shape[:1], self.positions.device)
 
 
-def report_selection(block: nn.Module, kept: torch.Tensor, others: str, appended: int = 0) -> None:
+def report_selection(block: nn.Module, kept: torch.Tensor, others: str, appended: int = 0, offset: int = 0) -> None:
     """`block` keeps patch tokens `kept` ([B, k] indices among the current patch tokens, prefix
-    excluded), in that order, then appends `appended` tokens of its own (EViT's fused token)."""
+    excluded, or sequence positions with `offset` the prefix's length), in that order, then appends
+    `appended` tokens of its own (EViT's fused token)."""
     tracer = getattr(block, TRACER_ATTR, None)
     if tracer is not None:
-        tracer.select(block, kept, others, appended)
+        tracer.select(block, kept - offset, others, appended)
 
 
 def is_traced(block: nn.Module) -> bool:

@@ -73,8 +73,8 @@ def test_only_the_class_row_is_computed(deit_tiny, images):
         q, k_full, _ = block.attn.qkv(h).reshape(B, N, 3, block.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         full = (q @ k_full.transpose(-2, -1) * scale).softmax(dim=-1)  # [B, H, N, N]
     assert q_cls.shape == (B, block.attn.num_heads, 1, block.attn.head_dim)
-    expected = full[:, :, 0, 1:].mean(dim=1)
-    torch.testing.assert_close(class_attention(q_cls, k, scale, 1), expected, rtol=1e-5, atol=1e-6)
+    expected = full[:, :, 0].mean(dim=1)
+    torch.testing.assert_close(class_attention(q_cls, k, scale), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["evit", "prune"])

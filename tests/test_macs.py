@@ -66,7 +66,7 @@ def analytic_macs(model, counts, img_size, method):
         if i in model.tokenbench_method.config.locations and method != "vanilla":
             total += heads * n * C  # the CLS row: block-diagonal queries (one per head) against n keys
             if method == "evit":
-                total += (n - 1) * C  # the fused token: a weighted sum over the non-CLS tokens
+                total += n * C  # the fused token: a weighted sum over all tokens (the kept ones' weights zero)
     total += 5 * counts[-1] * C + C * model.num_classes  # final norm, head
     return total
 

@@ -27,7 +27,7 @@ NO_WORK = frozenset(
     for name in (
         "empty empty_strided empty_like new_empty as_strided view _unsafe_view _reshape_alias reshape slice select "
         "expand transpose t permute unsqueeze squeeze alias detach resolve_conj resolve_neg lift_fresh unbind split "
-        "narrow to contiguous flatten"
+        "narrow to contiguous flatten diagonal"
     ).split()
 )
 VARIANTS = {
@@ -104,22 +104,31 @@ def evo_ops(variant: str) -> dict[str, Counter]:
 
 
 # The design, op by op (H = heads).
-CLS_ROW = 6  # scale the query; block-diagonal queries (eye, mul); one batched matmul reading k in place; softmax; mean
+# The CLS row: block-diagonal scaled queries (zeros, add_ on the diagonal); one batched matmul reading k in place;
+# softmax; mean.
+CLS_ROW = 5
 COPIES = ("aten::clone", "aten::_to_copy")  # a copy of the keys or the tokens, or a cast of them
-ASSEMBLY = 5  # positions of the prefix and the chosen patches (arange, add, cat); one row gather (arange, index)
+ASSEMBLY = 2  # one row gather (arange, index)
+WITH_PREFIX = 3  # patch indices to sequence positions after the prefix's own (arange, add, cat)
 EXPECTED = {
-    "evit": CLS_ROW + 1 + ASSEMBLY + 3,  # top-k; the fused token: weights (scatter), mat-vec, written into its slot
-    "prune": CLS_ROW + 1 + ASSEMBLY,  # top-k
-    "dynamicvit": 1 + ASSEMBLY,  # top-k
+    "evit": CLS_ROW + 2 + ASSEMBLY + 2,  # top-k, prefix first (fill_, topk); the fused token (scatter_, baddbmm_)
+    "prune": CLS_ROW + 2 + ASSEMBLY,  # top-k with the prefix first (fill_, topk)
+    "dynamicvit": 1 + WITH_PREFIX + ASSEMBLY,  # top-k
 }
 EVO_EXPECTED = {
     "paper": {
         "start g": CLS_ROW + 1,  # the head sum
         "blend g": CLS_ROW + 2,  # g = (1 - t) g + t H a, in place on the kept tokens' entries
-        "open": 1 + ASSEMBLY + 2 + 4,  # sort; the held tokens' gather; the representative: sum, div, mat-vec, slot
+        # sort; the kept and the held tokens' gathers; the representative (sum, div, mat-vec, into its slot)
+        "open": 1 + WITH_PREFIX + 2 * ASSEMBLY + 4,
         "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
     },
-    "official": {"start g": CLS_ROW + 1, "blend g": CLS_ROW + 2, "open": 1 + ASSEMBLY + 2, "close": 1},  # close: a cat
+    "official": {  # close: a cat
+        "start g": CLS_ROW + 1,
+        "blend g": CLS_ROW + 2,
+        "open": 1 + WITH_PREFIX + 2 * ASSEMBLY,
+        "close": 1,
+    },
 }
 
 
@@ -130,6 +139,8 @@ def test_selection_dispatches_the_designed_ops(name):
     assert sum(ops.values()) <= EXPECTED[name], dict(ops)
     assert ops["aten::index"] == 1 and "aten::gather" not in ops  # the output is assembled by one row gather
     assert not any(copy in ops for copy in COPIES), dict(ops)
+    if name != "dynamicvit":  # positions straight from the top-k; weights zeroed in place; fused token made in its slot
+        assert not {"aten::cat", "aten::scatter", "aten::copy_"} & set(ops), dict(ops)
 
 
 def test_dynamicvit_predictor_copies_no_tokens():

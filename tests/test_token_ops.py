@@ -20,18 +20,16 @@ def test_class_attention_equals_the_row_of_the_explicit_attention():
     k = torch.randn(2, 3, 7, 5, generator=generator)
     scale = 5**-0.5
     full = (q @ k.transpose(-2, -1) * scale).softmax(dim=-1)  # [B, H, N, N], what the official code builds
-    for prefix in (1, 2):
-        expected = full[:, :, 0, prefix:].mean(dim=1)
-        got = token_ops.class_attention(q[:, :, :1], k, scale, prefix)
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    got = token_ops.class_attention(q[:, :, :1], k, scale)
+    torch.testing.assert_close(got, full[:, :, 0].mean(dim=1), rtol=1e-6, atol=1e-7)
 
 
 def test_class_attention_by_hand():
     # One head, D = 1, scale 1: logits are q*k = [0, ln 2, ln 3] -> softmax = [1, 2, 3] / 6.
     q = torch.ones(1, 1, 1, 1)
     k = torch.tensor([0.0, math.log(2), math.log(3)]).view(1, 1, 3, 1)
-    got = token_ops.class_attention(q, k, scale=1.0, prefix=1)
-    torch.testing.assert_close(got, torch.tensor([[2 / 6, 3 / 6]]))
+    got = token_ops.class_attention(q, k, scale=1.0)
+    torch.testing.assert_close(got, torch.tensor([[1 / 6, 2 / 6, 3 / 6]]))
 
 
 def test_top_k_is_sorted_highest_first():
@@ -44,8 +42,23 @@ def test_gather_and_fuse_by_hand():
     scores = torch.tensor([[0.4, 0.1, 0.3, 0.2]])
     kept = token_ops.top_k_indices(scores, 2)  # tokens 0 and 2
     assert token_ops.gather_tokens(x, kept).tolist() == [[[1.0, 0.0], [2.0, 2.0]]]
+    fused = torch.full((1, 1, 2), math.nan)  # its slot: what is there is not read
+    token_ops.fuse_dropped(x, scores, kept, out=fused)
     # Dropped: token 1 (weight 0.1) and token 3 (weight 0.2): 0.1*[0,1] + 0.2*[3,-1] = [0.6, -0.1].
-    torch.testing.assert_close(token_ops.fuse_dropped(x, scores, kept), torch.tensor([[[0.6, -0.1]]]))
+    torch.testing.assert_close(fused, torch.tensor([[[0.6, -0.1]]]))
+    assert torch.equal(scores, torch.tensor([[0.0, 0.1, 0.0, 0.2]]))  # the kept tokens' weights zeroed in place
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+def test_top_k_positions_put_the_prefix_first_in_order(prefix):
+    """The same positions as a top-k over the patches alone, shifted past a prefix that comes first as it is,
+    whatever the prefix's own scores."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(4, prefix + 9, generator=generator)
+    scores[:, :prefix] = torch.linspace(-1.0, 2.0, prefix)  # prefix scores below and above the patches'
+    expected = token_ops.with_prefix(token_ops.top_k_indices(scores[:, prefix:], 5), prefix)
+    assert torch.equal(token_ops.top_k_positions(scores, 5, prefix), expected)
+    assert torch.isinf(scores[:, :prefix]).all()  # overwritten, as documented
 
 
 @pytest.mark.parametrize("prefix", [1, 2])
@@ -65,9 +78,10 @@ def fused_qkv_keys(generator: torch.Generator, B: int = 2, N: int = 7, H: int = 
 def test_class_logits_read_the_strided_keys_as_the_explicit_product():
     q, k = fused_qkv_keys(torch.Generator().manual_seed(1))
     assert k.stride(0) != k.shape[1] * k.stride(1)  # the block-diagonal path: (B, H) do not fold
-    expected = (q @ k.transpose(-2, -1))[:, :, 0]  # [B, H, N], from copies
-    torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], k), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], k.contiguous()), expected, rtol=1e-6, atol=1e-6)
+    scale = 5**-0.5
+    expected = (q * scale @ k.transpose(-2, -1))[:, :, 0]  # [B, H, N], from copies
+    for keys in (k, k.contiguous()):
+        torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], keys, scale), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_gather_tokens_and_with_prefix_by_hand():

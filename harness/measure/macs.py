@@ -49,6 +49,7 @@ ZERO_MAC_OPS = frozenset(
         "aten::sort",
         "aten::argsort",
         "aten::scatter",
+        "aten::scatter_",
         "aten::scatter_reduce",
         "aten::scatter_add_",
         "aten::ones_like",
@@ -57,6 +58,7 @@ ZERO_MAC_OPS = frozenset(
         "aten::zeros_like",
         "aten::clone",
         "aten::eye",
+        "aten::diagonal",
         "aten::type_as",
         "aten::to",
         "aten::repeat",
@@ -76,6 +78,12 @@ def sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def baddbmm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """beta * self + alpha * (batch1 @ batch2): the product's multiply-adds, as for bmm."""
+    (batch, rows, inner), (_, _, cols) = (get_shape(value) for value in inputs[1:3])
+    return batch * rows * inner * cols
+
+
 def count_macs(model: nn.Module, img_size: int | Sequence[int]) -> float:
     """MACs of the model's forward pass on one image of `img_size` (int or (height, width))."""
     height, width = check_image_size(model, img_size)
@@ -86,6 +94,7 @@ def count_macs(model: nn.Module, img_size: int | Sequence[int]) -> float:
     try:
         analysis = FlopCountAnalysis(model, image)
         analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_macs)
+        analysis.set_op_handle("aten::baddbmm_", baddbmm_macs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         total = analysis.total()
         unknown = sorted(set(analysis.unsupported_ops()) - ZERO_MAC_OPS)
