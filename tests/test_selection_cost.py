@@ -17,6 +17,7 @@ import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
 import methods
+from harness.measure.modes import capture_graph
 from tests.conftest import tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamicvit. the score predictors are untrained:UserWarning")
@@ -216,3 +217,26 @@ def test_compiles_as_one_graph_with_the_eager_logits(key, autocast):
     torch._dynamo.reset()
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("key", VARIANTS)
+def test_replays_from_a_cuda_graph_as_it_runs_eagerly_and_on_the_cpu(key, monkeypatch):
+    """On a GPU the in-place steps (the fused token's product written into a strided slot, the prefix's
+    scores overwritten) compute what the CPU computes, and a CUDA graph of the forward replays them on
+    new input under fp16 autocast, as the throughput protocol times them."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding as on the CPU
+    name, options = VARIANTS[key]
+    model = methods.apply(tiny_vit(), name, keep_rate=0.5, locations=LOCATIONS, **options).eval()
+    with torch.inference_mode():
+        on_cpu = model(images())
+        model.cuda()
+        torch.testing.assert_close(model(images().cuda()).cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+        buffer, outputs = images().cuda(), []
+        with torch.autocast("cuda", dtype=torch.float16):
+            model(buffer)  # warm-up, as the timing does before capturing
+            replay = capture_graph(lambda x: outputs.append(model(x)), buffer)
+            buffer.copy_(images().flip(0).cuda())  # the graph reads its input buffer afresh on each replay
+            replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(outputs[-1], model(buffer))
