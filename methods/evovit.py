@@ -48,7 +48,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import class_attention, gather_tokens, weighted_sum, with_prefix
+from methods.token_ops import class_attention_per_head, gather_tokens, weighted_sum, with_prefix
 from methods.tracing import report_restore, report_selection
 
 VARIANTS = ("paper", "official")
@@ -147,10 +147,9 @@ class EvoBlock(Block):
 
     def track_attention(self) -> None:
         q_cls, k, scale = take_tapped_qk(self)
-        heads, t = self.attn.num_heads, self.tradeoff
-        attention = class_attention(q_cls, k, scale)[:, self.prefix :]  # [B, n]: the head mean
+        attention = class_attention_per_head(q_cls, k, scale)[:, :, self.prefix :].sum(dim=1)  # [B, n]: head sum
         if self.starts:
-            self.state.begin(heads * attention)  # g is the head sum
+            self.state.begin(attention)
             return
         state = self.state
         n = attention.shape[1] - int(state.representative is not None)  # the representative's column is no patch
@@ -158,7 +157,7 @@ class EvoBlock(Block):
         # g is this forward's own tensor (from the sort that opened the stage); under autograd the
         # representative token's weights are a saved view of it, so the blend goes to a copy there.
         g = state.attention.clone() if state.attention.requires_grad else state.attention
-        g[:, :n].mul_(1 - t).add_(attention[:, :n], alpha=t * heads)
+        g[:, :n].mul_(1 - self.tradeoff).add_(attention[:, :n], alpha=self.tradeoff)
         state.attention = g
 
     def open_stage(self, x: torch.Tensor) -> torch.Tensor:

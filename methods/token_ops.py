@@ -38,14 +38,19 @@ def class_logits(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return queries @ keys.transpose(1, 2)
 
 
-def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Post-softmax attention from the CLS query to every key (the prefix's too), averaged over heads.
+def class_attention_per_head(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Post-softmax attention from the CLS query to every key (the prefix's too), per head.
 
     Only the CLS row is computed (H x N dot products), never the N x N matrix; the softmax runs
     over all keys, so the weights are those of the full attention.
-    q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, N]
+    q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, H, N]
     """
-    return class_logits(q_cls, k, scale).softmax(dim=-1).mean(dim=1)
+    return class_logits(q_cls, k, scale).softmax(dim=-1)
+
+
+def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """`class_attention_per_head` averaged over heads (EViT's score). -> [B, N]"""
+    return class_attention_per_head(q_cls, k, scale).mean(dim=1)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ def evo_ops(variant: str) -> dict[str, Counter]:
 
 # The design, op by op (H = heads).
 # The CLS row: block-diagonal scaled queries (zeros, add_ on the diagonal); one batched matmul reading k in place;
-# softmax; mean.
+# softmax; the head mean (EViT) or sum (Evo-ViT).
 CLS_ROW = 5
 COPIES = ("aten::clone", "aten::_to_copy")  # a copy of the keys or the tokens, or a cast of them
 ASSEMBLY = 2  # one row gather (arange, index)
@@ -118,14 +118,14 @@ EXPECTED = {
 }
 EVO_EXPECTED = {
     "paper": {
-        "start g": CLS_ROW + 1,  # the head sum
-        "blend g": CLS_ROW + 2,  # g = (1 - t) g + t H a, in place on the kept tokens' entries
+        "start g": CLS_ROW,  # the CLS row, its heads summed (the released code's g)
+        "blend g": CLS_ROW + 2,  # g = (1 - t) g + t (head sum), in place on the kept tokens' entries
         # sort; the kept and the held tokens' gathers; the representative (sum, div, mat-vec, into its slot)
         "open": 1 + WITH_PREFIX + 2 * ASSEMBLY + 4,
         "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
     },
     "official": {  # close: a cat
-        "start g": CLS_ROW + 1,
+        "start g": CLS_ROW,
         "blend g": CLS_ROW + 2,
         "open": 1 + WITH_PREFIX + 2 * ASSEMBLY,
         "close": 1,
