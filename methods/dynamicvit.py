@@ -23,7 +23,7 @@ from methods.config import ReductionConfig
 from methods.errors import UntrainedWeightsWarning
 from methods.registry import register
 from methods.timm_compat import num_prefix_tokens, require_stock_blocks
-from methods.token_ops import gather_tokens, top_k_indices, with_prefix
+from methods.token_ops import gather_tokens, top_k_positions
 from methods.tracing import report_selection
 
 PREDICTORS_ATTR = "score_predictor"
@@ -64,18 +64,21 @@ class ScorePredictor(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, prefix: int = 0) -> torch.Tensor:
-        """Scores of the tokens after the first `prefix`: x: [B, N, C] -> [B, N - prefix, 2]; channel 0 is log P(keep).
+        """Scores of every row of x: x: [B, N, C] -> [B, N, 2]; channel 0 is log P(keep). The global half is
+        the mean over the tokens after the first `prefix`, the current patch tokens; the prefix's own rows
+        get scores too, which rank nothing (the pruning block puts the prefix first whatever they are).
 
-        The norm and the first linear layer run on every row of x, the prefix's too: on the patch tokens
-        alone each would first copy them (a norm needs contiguous rows, a linear layer rows it can fold
-        over the batch), a pass over all tokens that costs more than the prefix rows' work.
+        Every layer runs on every row, the prefix's too: on the patch tokens alone the norm and the first
+        linear layer would first copy them (a norm needs contiguous rows, a linear layer rows it can fold
+        over the batch), a pass over all tokens that costs more than the prefix rows' work, and the
+        scores' rows are the sequence's positions, which the top-k then returns as they are.
         """
         norm, linear, gelu = self.in_conv
-        h = gelu(linear(norm(x))[:, prefix:])  # [B, M, C]
+        h = gelu(linear(norm(x)))  # [B, N, C]
         half = h.shape[-1] // 2
-        # [local, global]: the global half becomes the mean over the M tokens, written over in place
+        # [local, global]: the global half becomes the mean over the patch tokens, written over in place
         # rather than concatenated, so only the global half is written again.
-        h[..., half:] = h[..., half:].mean(dim=1, keepdim=True)
+        h[..., half:] = h[:, prefix:, half:].mean(dim=1, keepdim=True)
         return self.out_conv(h)
 
 
@@ -115,10 +118,12 @@ class PruningBlock(Block):
         if self.stage == 0:
             self.patch_count.n0 = x.shape[1] - self.prefix
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
-        keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, M]
-        kept = top_k_indices(keep_score, n_keep)  # [B, n_keep], highest first
-        report_selection(self, kept, others="dropped")
-        return gather_tokens(x, with_prefix(kept, self.prefix))  # [B, P + n_keep, C]
+        keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, N], a view of the log-softmax's output
+        if keep_score.requires_grad:  # the top-k overwrites the prefix's scores; the log-softmax's backward reads them
+            keep_score = keep_score.clone()
+        kept = top_k_positions(keep_score, n_keep, self.prefix)  # [B, P + n_keep], the prefix first
+        report_selection(self, kept[:, self.prefix :], others="dropped", offset=self.prefix)
+        return gather_tokens(x, kept)  # [B, P + n_keep, C]
 
 
 def predictors_trained(model: nn.Module) -> bool:

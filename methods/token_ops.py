@@ -53,11 +53,6 @@ def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     return class_attention_per_head(q_cls, k, scale).mean(dim=1)
 
 
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, highest first. scores: [B, M] -> [B, k]"""
-    return torch.topk(scores, k, dim=1, largest=True, sorted=True).indices
-
-
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The tokens at `idx` in each sequence. x: [B, M, C], idx: [B, k] -> [B, k, C]
 
@@ -116,8 +111,3 @@ def fuse_dropped(x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, out:
     """
     weights = scores.scatter_(1, kept, 0.0).unsqueeze(1).to(x.dtype)  # [B, 1, N]
     out.baddbmm_(weights, x, beta=0)
-
-
-def split_prefix(x: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [B, N, C] -> ([B, prefix, C], [B, N - prefix, C])"""
-    return x[:, :prefix], x[:, prefix:]

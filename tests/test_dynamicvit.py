@@ -188,6 +188,30 @@ def test_global_half_is_the_mean_over_the_current_tokens():
         torch.testing.assert_close(predictor(y)[:, 1:], alone[:, 1:])
 
 
+def test_prefix_rows_are_scored_but_leave_the_patch_scores_as_the_patches_alone_get():
+    """The predictor runs on the whole sequence; the global mean is over the patch tokens only."""
+    torch.manual_seed(0)
+    predictor = ScorePredictor(8)
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        for prefix in (1, 2):
+            scores = predictor(x, prefix)
+            assert scores.shape == (2, 6, 2)
+            torch.testing.assert_close(scores[:, prefix:], predictor(x[:, prefix:]), rtol=0, atol=0)
+
+
+def test_the_scores_a_hook_sees_stay_differentiable():
+    """The pruning ranks the prefix first by overwriting its scores; under autograd it does that on a copy,
+    so a loss on the predictor's own output (read by a hook, as a training loop would) still backpropagates."""
+    model = methods.apply(tiny_vit(), "dynamicvit", keep_rate=0.5, locations=(1, 2))
+    seen = []
+    model.score_predictor[0].register_forward_hook(lambda _module, _args, out: seen.append(out))
+    model(torch.randn(2, 3, 64, 64))
+    seen[0][:, 1:, 0].sum().backward()
+    assert model.score_predictor[0].out_conv[4].weight.grad is not None
+    assert torch.isfinite(seen[0]).all()  # the prefix's row not overwritten with +inf
+
+
 @pytest.mark.parametrize(
     "img_size,expected",
     [(224, [137, 96, 67]), (288, [226, 158, 111])],  # int(n0 * 0.7 ** s): n0 = 196, 324
@@ -288,15 +312,14 @@ def test_deit_base_macs():
 
 
 def test_macs_equal_the_analytic_formula():
-    """Blocks on the tokens they see, plus each predictor on the patch tokens it scores, its norm and first
-    layer on all tokens (mean and element-wise ops free, layer norms 5 per element)."""
+    """Blocks on the tokens they see, plus each predictor on all of them, the class token's row too (mean and
+    element-wise ops free, layer norms 5 per element)."""
     model = methods.apply(timm.create_model("deit_small_patch16_224"), "dynamicvit", keep_rate=0.7)
     C, hidden, n = 384, 1536, 197
     total = 196 * C * 3 * 16 * 16
     for i in range(12):
         if i in (3, 6, 9):
-            m = n - 1  # patch tokens scored; the predictor's norm and first layer run on every token
-            total += n * (5 * C + C * C) + m * (C * (C // 2) + (C // 2) * (C // 4) + (C // 4) * 2)
+            total += n * (5 * C + C * C + C * (C // 2) + (C // 2) * (C // 4) + (C // 4) * 2)
             n = 1 + keep_count(0.7, (3, 6, 9).index(i), 196)
         total += 5 * n * C + 4 * n * C * C + 2 * n * n * C + 5 * n * C + 2 * n * C * hidden
     total += 5 * n * C + C * 1000

@@ -109,12 +109,13 @@ def evo_ops(variant: str) -> dict[str, Counter]:
 # softmax; the head mean (EViT) or sum (Evo-ViT).
 CLS_ROW = 5
 COPIES = ("aten::clone", "aten::_to_copy")  # a copy of the keys or the tokens, or a cast of them
+TOP_K = 2  # top-k over the sequence, the prefix first (fill_, topk): sequence positions
 ASSEMBLY = 2  # one row gather (arange, index)
 WITH_PREFIX = 3  # patch indices to sequence positions after the prefix's own (arange, add, cat)
 EXPECTED = {
-    "evit": CLS_ROW + 2 + ASSEMBLY + 2,  # top-k, prefix first (fill_, topk); the fused token (scatter_, baddbmm_)
-    "prune": CLS_ROW + 2 + ASSEMBLY,  # top-k with the prefix first (fill_, topk)
-    "dynamicvit": 1 + WITH_PREFIX + ASSEMBLY,  # top-k
+    "evit": CLS_ROW + TOP_K + ASSEMBLY + 2,  # the fused token (scatter_, baddbmm_)
+    "prune": CLS_ROW + TOP_K + ASSEMBLY,
+    "dynamicvit": TOP_K + ASSEMBLY,
 }
 EVO_EXPECTED = {
     "paper": {
@@ -140,8 +141,8 @@ def test_selection_dispatches_the_designed_ops(name):
     assert sum(ops.values()) <= EXPECTED[name], dict(ops)
     assert ops["aten::index"] == 1 and "aten::gather" not in ops  # the output is assembled by one row gather
     assert not any(copy in ops for copy in COPIES), dict(ops)
-    if name != "dynamicvit":  # positions straight from the top-k; weights zeroed in place; fused token made in its slot
-        assert not {"aten::cat", "aten::scatter", "aten::copy_"} & set(ops), dict(ops)
+    # positions straight from the top-k; EViT's weights zeroed in place and its fused token made in its slot
+    assert not {"aten::cat", "aten::scatter", "aten::copy_"} & set(ops), dict(ops)
 
 
 def test_dynamicvit_predictor_copies_no_tokens():

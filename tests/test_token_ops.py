@@ -32,15 +32,15 @@ def test_class_attention_by_hand():
     torch.testing.assert_close(got, torch.tensor([[1 / 6, 2 / 6, 3 / 6]]))
 
 
-def test_top_k_is_sorted_highest_first():
-    scores = torch.tensor([[0.1, 0.5, 0.2, 0.9]])
-    assert token_ops.top_k_indices(scores, 3).tolist() == [[3, 1, 2]]
+def test_top_k_positions_by_hand():
+    scores = torch.tensor([[-5.0, 0.1, 0.5, 0.2, 0.9]])  # a class token, then 4 patches
+    assert token_ops.top_k_positions(scores, 3, prefix=1).tolist() == [[0, 4, 2, 3]]  # highest first
 
 
 def test_gather_and_fuse_by_hand():
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [3.0, -1.0]]])  # [1, 4, 2]
     scores = torch.tensor([[0.4, 0.1, 0.3, 0.2]])
-    kept = token_ops.top_k_indices(scores, 2)  # tokens 0 and 2
+    kept = torch.tensor([[0, 2]])  # the top 2
     assert token_ops.gather_tokens(x, kept).tolist() == [[[1.0, 0.0], [2.0, 2.0]]]
     fused = torch.full((1, 1, 2), math.nan)  # its slot: what is there is not read
     token_ops.fuse_dropped(x, scores, kept, out=fused)
@@ -56,17 +56,10 @@ def test_top_k_positions_put_the_prefix_first_in_order(prefix):
     generator = torch.Generator().manual_seed(3)
     scores = torch.rand(4, prefix + 9, generator=generator)
     scores[:, :prefix] = torch.linspace(-1.0, 2.0, prefix)  # prefix scores below and above the patches'
-    expected = token_ops.with_prefix(token_ops.top_k_indices(scores[:, prefix:], 5), prefix)
+    patches = torch.topk(scores[:, prefix:], 5, dim=1, sorted=True).indices + prefix
+    expected = torch.cat([torch.arange(prefix).expand(4, -1), patches], dim=1)
     assert torch.equal(token_ops.top_k_positions(scores, 5, prefix), expected)
     assert torch.isinf(scores[:, :prefix]).all()  # overwritten, as documented
-
-
-@pytest.mark.parametrize("prefix", [1, 2])
-def test_split_prefix(prefix):
-    x = torch.arange(10.0).view(1, 5, 2)
-    head, rest = token_ops.split_prefix(x, prefix)
-    assert head.shape[1] == prefix and rest.shape[1] == 5 - prefix
-    assert torch.equal(torch.cat([head, rest], dim=1), x)
 
 
 def fused_qkv_keys(generator: torch.Generator, B: int = 2, N: int = 7, H: int = 3, D: int = 5):
