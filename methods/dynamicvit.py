@@ -45,7 +45,8 @@ def keep_count(keep_rate: float, stage: int, n0: int) -> int:
 
 
 class ScorePredictor(nn.Module):
-    """The official PredictorLG: per-token log-probabilities [keep, drop] of the current patch tokens.
+    """The official PredictorLG: per-token log-probabilities [keep, drop] of the current patch tokens
+    (and of the prefix tokens, which rank nothing: see `forward`).
 
     The first half of the hidden channels is the token's own (local), the second half is averaged over
     all current patch tokens (global); at inference the official mask over the mean is all ones.
@@ -119,7 +120,9 @@ class PruningBlock(Block):
             self.patch_count.n0 = x.shape[1] - self.prefix
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
         keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, N], a view of the log-softmax's output
-        if keep_score.requires_grad:  # the top-k overwrites the prefix's scores; the log-softmax's backward reads them
+        # The top-k overwrites the prefix's scores with +inf: in the predictor's own output (what a hook on it
+        # sees) under no_grad and inference; on a copy under autograd, whose log-softmax backward reads them.
+        if keep_score.requires_grad:
             keep_score = keep_score.clone()
         kept = top_k_positions(keep_score, n_keep, self.prefix)  # [B, P + n_keep], the prefix first
         report_selection(self, kept[:, self.prefix :], others="dropped", offset=self.prefix)

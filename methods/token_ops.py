@@ -69,7 +69,9 @@ def top_k_positions(scores: torch.Tensor, k: int, prefix: int) -> torch.Tensor:
 
     The prefix's scores are overwritten with +inf, so one top-k over the whole sequence puts the prefix
     first and gives positions, not patch indices: no index arithmetic or concatenation to prepend the
-    prefix's own positions. Among the patches it ranks as a top-k over them alone.
+    prefix's own positions. Among the patches it ranks as a top-k over them alone, up to the order of
+    equal scores (which no top-k specifies). The scores must be free of NaN, which top-k ranks above +inf;
+    a NaN score comes only from NaN queries, keys or tokens, which make the whole forward NaN anyway.
     """
     scores[:, :prefix] = math.inf
     positions = torch.topk(scores, prefix + k, dim=1, largest=True, sorted=True).indices

@@ -209,7 +209,7 @@ def test_the_scores_a_hook_sees_stay_differentiable():
     model(torch.randn(2, 3, 64, 64))
     seen[0][:, 1:, 0].sum().backward()
     assert model.score_predictor[0].out_conv[4].weight.grad is not None
-    assert torch.isfinite(seen[0]).all()  # the prefix's row not overwritten with +inf
+    assert torch.isfinite(seen[0]).all()  # under autograd the prefix's row is not overwritten with +inf
 
 
 @pytest.mark.parametrize(
