@@ -48,7 +48,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import class_attention_per_head, gather_tokens, weighted_sum, with_prefix
+from methods.token_ops import batch_rows, class_attention_per_head, gather_tokens, weighted_sum, with_prefix
 from methods.tracing import report_restore, report_selection
 
 VARIANTS = ("paper", "official")
@@ -169,8 +169,9 @@ class EvoBlock(Block):
         state = self.state
         scores, order = rank_by_attention(state.attention)  # [B, M] each
         appended = int(self.variant == "paper")  # the representative token, in the row of the best held one
-        out = gather_tokens(x, with_prefix(order[:, : keep + appended], self.prefix))  # [B, P + keep (+ 1), C]
-        state.held = gather_tokens(patches, order[:, keep:])  # [B, M - keep, C]
+        rows = batch_rows(x)
+        out = gather_tokens(x, with_prefix(order[:, : keep + appended], self.prefix), rows)  # [B, P + keep (+ 1), C]
+        state.held = gather_tokens(patches, order[:, keep:], rows)  # [B, M - keep, C]
         state.positions = order if state.positions is None else state.positions.gather(1, order)
         state.attention = scores
         if appended:
@@ -198,7 +199,7 @@ class EvoBlock(Block):
         state = self.state
         p, kept = self.prefix, x.shape[1] - self.prefix - 1  # x: prefix, kept tokens, representative
         held = state.held + (x[:, -1:] - state.representative)  # [B, M - K, C]
-        rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [B, 1]
+        rows = batch_rows(x)
         out = x.new_empty(x.shape[0], p + state.positions.shape[1], x.shape[2])  # [B, P + M, C]
         out[:, :p] = x[:, :p]
         out[:, p:][rows, state.positions[:, :kept]] = x[:, p:-1]

@@ -53,14 +53,19 @@ def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     return class_attention_per_head(q_cls, k, scale).mean(dim=1)
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The tokens at `idx` in each sequence. x: [B, M, C], idx: [B, k] -> [B, k, C]
+def batch_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each sequence's batch index, [B, 1], to index x by (batch, token); one per step can serve every
+    gather of it (an arange is a launch of its own)."""
+    return torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The tokens at `idx` in each sequence. x: [B, M, C], idx: [B, k] -> [B, k, C]; rows: `batch_rows(x)`.
 
     Indexing (batch, token) copies whole token rows; `torch.gather` with an index expanded over C
     looks up every element and runs two to three times slower on CPU.
     """
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # [B, 1]
-    return x[rows, idx]
+    return x[batch_rows(x) if rows is None else rows, idx]
 
 
 def top_k_positions(scores: torch.Tensor, k: int, prefix: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import gather_tokens
+from methods.token_ops import batch_rows, gather_tokens
 from methods.tracing import is_traced, report_merge
 
 DEFAULT_R = 13  # ToMe's DeiT setting: 196 patches down to 40 after 12 blocks
@@ -125,14 +125,15 @@ def merge_weighted(
     positions = torch.cat([prefix_positions, 2 * kept[:, in_a:], b_positions], dim=1)  # [B, N - r]
     sources = 2 * merged  # [B, r] the merged A tokens' positions
     targets = (into + (prefix + kept.shape[1] - in_a - in_b)).unsqueeze(-1)  # [B, r, 1] their B tokens' rows after
-    out = gather_tokens(weighted, positions).scatter_add_(
-        1, targets.expand(-1, -1, channels), gather_tokens(weighted, sources)
+    rows = batch_rows(x)  # one for the four gathers
+    out = gather_tokens(weighted, positions, rows).scatter_add_(
+        1, targets.expand(-1, -1, channels), gather_tokens(weighted, sources, rows)
     )  # [B, N - r, C]
     if size is None:  # each token one patch, each merged one more
         out_size = x.new_ones(batch, positions.shape[1], 1)  # [B, N - r, 1]
         out_size.scatter_add_(1, targets, x.new_ones(batch, sources.shape[1], 1))
     else:
-        out_size = gather_tokens(size, positions).scatter_add_(1, targets, gather_tokens(size, sources))
+        out_size = gather_tokens(size, positions, rows).scatter_add_(1, targets, gather_tokens(size, sources, rows))
     return out.div_(out_size), out_size
 
 

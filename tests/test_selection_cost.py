@@ -121,14 +121,14 @@ EVO_EXPECTED = {
     "paper": {
         "start g": CLS_ROW,  # the CLS row, its heads summed (the released code's g)
         "blend g": CLS_ROW + 2,  # g = (1 - t) g + t (head sum), in place on the kept tokens' entries
-        # sort; the kept and the held tokens' gathers; the representative (sum, div, mat-vec, into its slot)
-        "open": 1 + WITH_PREFIX + 2 * ASSEMBLY + 4,
+        # sort; the kept and the held tokens' gathers (one batch index); the representative (sum, div, mat-vec, slot)
+        "open": 1 + WITH_PREFIX + ASSEMBLY + 1 + 4,
         "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
     },
     "official": {  # close: a cat
         "start g": CLS_ROW,
         "blend g": CLS_ROW + 2,
-        "open": 1 + WITH_PREFIX + 2 * ASSEMBLY,
+        "open": 1 + WITH_PREFIX + ASSEMBLY + 1,
         "close": 1,
     },
 }
@@ -165,10 +165,10 @@ def test_dynamicvit_predictor_copies_no_tokens():
 # ToMe's matching: the keys' head mean; cosine similarity (norm, div, matmul A B^T); the prefix's two -inf
 # fills; each A token's best B (max); the order of the best (argsort); the kept ones sorted; their B (gather).
 TOME_MATCHING = 10
-# Its merge: positions (2 aranges, 2 kept, cat) and the tokens there (arange, index); the merged ones (2 merged,
-# arange, index) added into their B rows (targets: add; scatter_add_); the same for the sizes (sized: arange,
-# index twice; first merge: two new_ones); divided in place (div_). Sized, x * size comes first.
-TOME_EXPECTED = {"first": TOME_MATCHING + 15, "sized": TOME_MATCHING + 18}
+# Its merge: positions (2 aranges, 2 kept, cat); one batch index (arange) for all its gathers; the tokens at the
+# positions (index); the merged ones (2 merged, index) added into their B rows (targets: add; scatter_add_); the
+# same for the sizes (sized: index twice; first merge: two new_ones); divided in place (div_). Sized, x * size first.
+TOME_EXPECTED = {"first": TOME_MATCHING + 14, "sized": TOME_MATCHING + 15}
 
 
 @pytest.mark.parametrize("sized", [False, True])

@@ -87,6 +87,7 @@ def test_gather_tokens_and_with_prefix_by_hand():
         [[10, 11], [14, 15], [18, 19]],
     ]
     assert token_ops.with_prefix(idx, 2).tolist() == [[0, 1, 4, 2], [0, 1, 3, 5]]
+    assert torch.equal(token_ops.gather_tokens(x, positions, token_ops.batch_rows(x)), x[[[0], [1]], positions])
 
 
 def test_weighted_sum_stays_in_the_tokens_dtype_under_autocast():
