@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block
 
 import methods
 from benchmarks.conftest import IMG_SIZE, MODEL
+from harness.measure.launches import launches
 from harness.measure.models import create_model
 from methods.timm_compat import take_tapped_qk, tap_query_key
 from methods.token_ops import class_attention, fuse_dropped, gather_tokens, keep_count, top_k_positions
@@ -147,8 +148,10 @@ def group(batch_size: int, device: str) -> str:
 
 @pytest.mark.parametrize("part", PARTS)
 def test_block_and_parts(benchmark, part, inputs, batch_size, device, measured):
+    run = measured(lambda: PARTS[part](inputs))
     benchmark.group = group(batch_size, device)
-    benchmark(measured(lambda: PARTS[part](inputs)))
+    benchmark.extra_info.update(launches=launches(run, device))
+    benchmark(run)
 
 
 def method_step(name: str, inputs: BlockInputs, device: str) -> Step:
@@ -164,8 +167,11 @@ def test_method_step(benchmark, name, inputs, batch_size, device, measured):
     step = method_step(name, inputs, device)
     tokens_out = measured(step.run)().shape[1]
     benchmark.group = group(batch_size, device)
-    benchmark.extra_info.update(method=name, tokens_in=step.source.shape[1], tokens_out=tokens_out)
-    benchmark(measured(step.run))
+    run = measured(step.run)
+    benchmark.extra_info.update(
+        method=name, tokens_in=step.source.shape[1], tokens_out=tokens_out, launches=launches(run, device)
+    )
+    benchmark(run)
 
 
 @pytest.mark.parametrize("name", methods.list_methods())
@@ -175,5 +181,8 @@ def test_floor_step(benchmark, name, inputs, batch_size, device, measured):
     step = method_step(name, inputs, device)
     tokens_out = measured(step.run)().shape[1]
     benchmark.group = group(batch_size, device)
-    benchmark.extra_info.update(method=f"floor of {name}", tokens_in=step.source.shape[1], tokens_out=tokens_out)
-    benchmark(measured(lambda: step.source[:, :tokens_out].contiguous()))
+    run = measured(lambda: step.source[:, :tokens_out].contiguous())
+    benchmark.extra_info.update(
+        method=f"floor of {name}", tokens_in=step.source.shape[1], tokens_out=tokens_out, launches=launches(run, device)
+    )
+    benchmark(run)

@@ -9,7 +9,6 @@ method's forward as one graph (fullgraph): no host sync, no data-dependent shape
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,20 +16,13 @@ import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
 import methods
+from harness.measure.launches import dispatched_ops
 from harness.measure.modes import capture_graph
 from tests.conftest import tiny_vit
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamicvit. the score predictors are untrained:UserWarning")
 
 LOCATIONS = (1, 2)
-NO_WORK = frozenset(
-    "aten::" + name
-    for name in (
-        "empty empty_strided empty_like new_empty as_strided view _unsafe_view _reshape_alias reshape slice select "
-        "expand transpose t permute unsqueeze squeeze alias detach resolve_conj resolve_neg lift_fresh unbind split "
-        "narrow to contiguous flatten diagonal"
-    ).split()
-)
 VARIANTS = {
     "evit": ("evit", {}),
     "prune": ("prune", {}),
@@ -39,25 +31,6 @@ VARIANTS = {
     "evo-vit-official": ("evo-vit", {"variant": "official"}),
     "tome": ("tome", {}),
 }
-
-
-def dispatched_ops(fn: Callable[[], object]) -> Counter:
-    """The aten ops that do work for `fn`, each counted once (not the ops it calls inside), views and
-    allocations left out. A view that has to copy (`reshape` of a strided tensor, `contiguous`, a cast
-    by `to`) counts as the copy it dispatches."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-
-    def outermost(event) -> bool:
-        parent = event.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::") and parent.name not in NO_WORK:
-                return False
-            parent = parent.cpu_parent
-        return True
-
-    events = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in NO_WORK]
-    return Counter(e.name for e in events if outermost(e))
 
 
 def images() -> torch.Tensor:
