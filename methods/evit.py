@@ -47,9 +47,9 @@ class SelectingBlock(Block):
 
     def select_tokens(self, x: torch.Tensor) -> torch.Tensor:
         q_cls, k, scale = take_tapped_qk(self)
-        patches = x.shape[1] - self.prefix
-        n_keep = keep_count(self.keep_rate, patches)
-        if n_keep >= patches:
+        n_patches = x.shape[1] - self.prefix
+        n_keep = keep_count(self.keep_rate, n_patches)
+        if n_keep >= n_patches:
             return x  # nothing to drop: the official code skips fusion too
         scores = class_attention(q_cls, k, scale)  # [B, N]
         # With fusion, one more: the best dropped token, a placeholder row for the fused token.
