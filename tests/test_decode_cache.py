@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import asdict
 
@@ -183,6 +186,31 @@ def test_an_interrupted_decode_leaves_no_cache_to_serve(tmp_path, monkeypatch):
     monkeypatch.setattr(decode_cache, "read_pixels", original)
     again = decode(dataset, range(len(dataset)), preprocessing, cache_dir=tmp_path / "cache")
     assert again.decode_s > 0 and not again.unreadable.any()
+
+
+def test_a_killed_decode_s_folder_is_removed_by_the_next_decode_of_the_same_cache(tmp_path):
+    """A run killed mid-decode leaves its temporary folder; the next decode of that cache removes it when
+    its process is gone on this host, and keeps those of live processes, other hosts and other caches."""
+    dataset = load_imagenet_folder(noise_tree(tmp_path / "val", corrupt=False), None)
+    preprocessing = preprocessing_for(tiny_vit(num_classes=CLASSES), 64)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    files = [dataset.samples[row][0] for row in range(len(dataset))]
+    name, host = decode_cache.cache_key(files, preprocessing), socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # a process that has exited: its pid is free (reused at worst, then kept)
+    abandoned = cache / f".{name}.{host}.{dead}.0a1b2c3d.partial"
+    kept = [
+        cache / f".{name}.{host}.{os.getpid()}.0a1b2c3d.partial",  # a live process: may still be writing
+        cache / f".{name}.another-host.{dead}.0a1b2c3d.partial",  # its pid means nothing here
+        cache / f".{'0' * 32}.{host}.{dead}.0a1b2c3d.partial",  # another cache's: left to its own decode
+    ]
+    for folder in (abandoned, *kept):
+        folder.mkdir()
+        (folder / decode_cache.PIXELS).write_bytes(b"torn")
+    decode(dataset, range(len(dataset)), preprocessing, cache_dir=cache)
+    assert not abandoned.exists() and all(folder.exists() for folder in kept)
+    assert (cache / name).is_dir()
 
 
 def test_an_unwritable_cache_folder(tmp_path):

@@ -12,16 +12,19 @@ reciprocal, which differs in the last bit for some values).
 On disk a cache is a folder named by a hash of the files (path, size, modification time) and of the
 preprocessing, so a changed file or transform gets a new folder and is never served stale. It is
 decoded into a temporary folder and renamed into place once complete, so a partial cache is never
-served. Evaluation reads it into memory (pinned for a GPU) when it fits a memory budget, and
-otherwise through a memory map.
+served; the temporary folder of a run killed mid-decode goes at the next decode of that cache.
+Evaluation reads it into memory (pinned for a GPU) when it fits a memory budget, and otherwise
+through a memory map.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -284,8 +287,10 @@ def is_complete(folder: Path, shape: tuple[int, ...]) -> bool:
 def write_cache(
     folder: Path, files: Sequence[Path], preprocessing: Preprocessing, workers: int, progress: bool
 ) -> None:
-    """Decode into a private temporary folder, then rename it to `folder` in one step."""
-    partial = folder.parent / f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    """Decode into a private temporary folder, then rename it to `folder` in one step. The folders that
+    killed runs left for the same cache go first."""
+    remove_abandoned(folder)
+    partial = folder.parent / f".{folder.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     partial.mkdir()
     try:
         shape = (len(files), 3, *preprocessing.size)
@@ -305,6 +310,27 @@ def write_cache(
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Delete the temporary folders of `folder`'s cache whose process, on this host, is gone: a run killed
+    mid-decode (SIGKILL, power loss) never reached its own clean-up, and each is as large as the cache.
+    A folder of another host, or of a live process, may still be written, and stays."""
+    prefix = f".{folder.name}.{socket.gethostname()}."
+    for partial in folder.parent.glob(glob.escape(prefix) + "*.partial"):
+        pid = partial.name[len(prefix) :].split(".")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def read_cache(folder: Path, memory_budget: int, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
