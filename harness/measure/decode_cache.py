@@ -290,7 +290,7 @@ def write_cache(
     """Decode into a private temporary folder, then rename it to `folder` in one step. The folders that
     killed runs left for the same cache go first."""
     remove_abandoned(folder)
-    partial = folder.parent / f".{folder.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    partial = folder.parent / f"{temporary_prefix(folder)}{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     partial.mkdir()
     try:
         shape = (len(files), 3, *preprocessing.size)
@@ -312,11 +312,16 @@ def write_cache(
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def temporary_prefix(folder: Path) -> str:
+    """How the names of `folder`'s temporary folders on this host begin; the writing process's pid follows."""
+    return f".{folder.name}.{socket.gethostname()}."
+
+
 def remove_abandoned(folder: Path) -> None:
     """Delete the temporary folders of `folder`'s cache whose process, on this host, is gone: a run killed
     mid-decode (SIGKILL, power loss) never reached its own clean-up, and each is as large as the cache.
     A folder of another host, or of a live process, may still be written, and stays."""
-    prefix = f".{folder.name}.{socket.gethostname()}."
+    prefix = temporary_prefix(folder)
     for partial in folder.parent.glob(glob.escape(prefix) + "*.partial"):
         pid = partial.name[len(prefix) :].split(".")[0]
         if pid.isdigit() and not process_alive(int(pid)):
