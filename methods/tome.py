@@ -92,7 +92,8 @@ def bipartite_soft_matching(
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, Na, Nb]: cosine similarity, A to B
     scores[:, : (prefix + 1) // 2] = -math.inf
-    scores[:, :, : prefix // 2] = -math.inf
+    if prefix > 1:  # a prefix token in B too (the distillation token)
+        scores[:, :, : prefix // 2] = -math.inf
     best, match = scores.max(dim=-1)  # [B, Na]
     order = best.argsort(dim=-1, descending=True)  # [B, Na]
     kept, merged = order[:, r:], order[:, :r]
@@ -113,28 +114,31 @@ def merge_weighted(
     the kept A tokens, the B tokens. x: [B, N, C], size: [B, N, 1] (None: every token one patch)
     -> [B, N - r, C], [B, N - r, 1]
 
-    One gather writes every token that stays to its place, the merged ones are added into their B
-    tokens there, and the sums are divided by the sizes in place: the tokens are written about twice,
-    where concatenating ToMe's [x * size, size] and its parts writes them five times.
+    One gather writes every token that stays to its place; then each B token that takes merged ones
+    moves towards each of them by its share of their total size: b + sum_a s_a (a - b) / S, which is
+    ToMe's (s_b b + sum_a s_a a) / S, S = s_b + sum_a s_a. Only the r merged tokens and their B tokens
+    are computed on: ToMe's x * size and the division by the sizes are two passes over all the tokens
+    (and x * size is what overflows fp16 in ToMe's own code once sizes grow).
     """
     batch, n, channels = x.shape
     in_a, in_b = (prefix + 1) // 2, prefix // 2  # prefix tokens in A (even positions) and in B (odd ones)
-    weighted = x if size is None else x * size  # [B, N, C]
     b_positions = torch.arange(2 * in_b + 1, n, 2, device=x.device).expand(batch, -1)  # [B, Nb - in_b]
     prefix_positions = torch.arange(prefix, device=x.device).expand(batch, -1)  # [B, prefix]
     positions = torch.cat([prefix_positions, 2 * kept[:, in_a:], b_positions], dim=1)  # [B, N - r]
     sources = 2 * merged  # [B, r] the merged A tokens' positions
-    targets = (into + (prefix + kept.shape[1] - in_a - in_b)).unsqueeze(-1)  # [B, r, 1] their B tokens' rows after
-    rows = batch_rows(x)  # one for the four gathers
-    out = gather_tokens(weighted, positions, rows).scatter_add_(
-        1, targets.expand(-1, -1, channels), gather_tokens(weighted, sources, rows)
-    )  # [B, N - r, C]
+    targets = into + (prefix + kept.shape[1] - in_a - in_b)  # [B, r] their B tokens' rows after
+    rows = batch_rows(x)  # one for every gather
+    out = gather_tokens(x, positions, rows)  # [B, N - r, C]
     if size is None:  # each token one patch, each merged one more
         out_size = x.new_ones(batch, positions.shape[1], 1)  # [B, N - r, 1]
-        out_size.scatter_add_(1, targets, x.new_ones(batch, sources.shape[1], 1))
+        out_size.scatter_add_(1, targets.unsqueeze(-1), x.new_ones(batch, merged.shape[1], 1))
+        share = gather_tokens(out_size, targets, rows).reciprocal_()  # [B, r, 1]
     else:
-        out_size = gather_tokens(size, positions, rows).scatter_add_(1, targets, gather_tokens(size, sources, rows))
-    return out.div_(out_size), out_size
+        merged_size = gather_tokens(size, sources, rows)  # [B, r, 1]
+        out_size = gather_tokens(size, positions, rows).scatter_add_(1, targets.unsqueeze(-1), merged_size)
+        share = merged_size.div_(gather_tokens(out_size, targets, rows))  # [B, r, 1]
+    moves = gather_tokens(x, sources, rows).sub_(gather_tokens(out, targets, rows)).mul_(share)  # [B, r, C]
+    return out.scatter_add_(1, targets.unsqueeze(-1).expand(-1, -1, channels), moves), out_size
 
 
 def merge_destinations(

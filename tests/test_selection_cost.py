@@ -135,13 +135,16 @@ def test_dynamicvit_predictor_copies_no_tokens():
     assert not copied, copied
 
 
-# ToMe's matching: the keys' head mean; cosine similarity (norm, div, matmul A B^T); the prefix's two -inf
-# fills; each A token's best B (max); the order of the best (argsort); the kept ones sorted; their B (gather).
-TOME_MATCHING = 10
-# Its merge: positions (2 aranges, 2 kept, cat); one batch index (arange) for all its gathers; the tokens at the
-# positions (index); the merged ones (2 merged, index) added into their B rows (targets: add; scatter_add_); the
-# same for the sizes (sized: index twice; first merge: two new_ones); divided in place (div_). Sized, x * size first.
-TOME_EXPECTED = {"first": TOME_MATCHING + 14, "sized": TOME_MATCHING + 15}
+# ToMe's matching: the keys' head mean; cosine similarity (norm, div, matmul A B^T); the class token's -inf fill
+# (a second for a prefix token in B); each A token's best B (max); the order of the best (argsort); the kept ones
+# sorted; their B (gather).
+TOME_MATCHING = 9
+# Its merge: positions (2 aranges, 2 kept, cat); the merged ones' positions (2 merged) and their B rows' (targets:
+# add); one batch index (arange) for all its gathers; the tokens at the positions (index); the sizes there, plus the
+# merged ones' (first merge: two new_ones, scatter_add_; sized: index twice, scatter_add_); each merged token's
+# share of its B row's size (index, then reciprocal_ or div_); the move of each B token towards its merged ones
+# (index the merged ones, index their B rows, sub_, mul_, scatter_add_).
+TOME_EXPECTED = TOME_MATCHING + 18
 
 
 @pytest.mark.parametrize("sized", [False, True])
@@ -153,9 +156,37 @@ def test_tome_merge_dispatches_the_designed_ops(sized):
         attended = x + block.attn(block.norm1(x))
         block.state.size = torch.full((*x.shape[:2], 1), 2.0) if sized else None
         ops = dispatched_ops(lambda: block.merge(attended))
-    assert sum(ops.values()) <= TOME_EXPECTED["sized" if sized else "first"], dict(ops)
+    assert sum(ops.values()) <= TOME_EXPECTED, dict(ops)
     assert ops["aten::cat"] == 1 and "aten::scatter_reduce" not in ops, dict(ops)  # the cat: positions, not tokens
     assert not any(copy in ops for copy in COPIES), dict(ops)
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_tome_merge_computes_on_the_merged_tokens_only(sized):
+    """Every token is read and written once, by the gather that puts it in place: the arithmetic of the
+    size-weighted average runs on the r merged tokens and their B tokens, not on all N (as x * size would)."""
+    r = 3
+    model = methods.apply(tiny_vit(), "tome", r=r, locations=LOCATIONS)
+    block = model.blocks[LOCATIONS[0]]
+    x = tokens_entering(model, LOCATIONS[0])
+    with torch.inference_mode():
+        attended = x + block.attn(block.norm1(x))
+        block.state.size = torch.full((*x.shape[:2], 1), 2.0) if sized else None
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            block.merge(attended)
+    arithmetic = {"aten::mul", "aten::mul_", "aten::div", "aten::div_", "aten::sub", "aten::sub_", "aten::add"}
+
+    def more_than_r_rows(shape: list[int]) -> bool:  # of tokens or sizes ([B, n, C] or [B, n, 1]), not of keys
+        return len(shape) == 3 and shape[1] > r and shape[2] in (1, x.shape[2])
+
+    tokens_wide = [
+        (e.name, e.input_shapes[0])
+        for e in prof.events()
+        if e.name in arithmetic and more_than_r_rows(e.input_shapes[0])
+    ]
+    assert not tokens_wide, tokens_wide
+    gathers = [e.input_shapes for e in prof.events() if e.name == "aten::index" and e.input_shapes[0][-1] == x.shape[2]]
+    assert len(gathers) == 3, gathers  # the tokens that stay, the merged ones, their B rows: nothing else
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])

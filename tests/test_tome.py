@@ -230,3 +230,18 @@ def test_bad_input_is_one_clear_error(deit_tiny, options, message):
     with pytest.raises(TokenBenchError, match=message):
         methods.apply(deit_tiny, "tome", **options)
     assert not hasattr(deit_tiny, "tokenbench_method")
+
+
+def test_merge_stays_finite_in_fp16_where_x_times_size_would_overflow():
+    """Tokens of magnitude 2,000 carrying 40 patches each: ToMe's x * size (80,000) is beyond fp16's
+    65,504. The merge here never forms that product, so it gives the float64 average to fp16 precision."""
+    generator = torch.Generator().manual_seed(5)
+    x = 2000 * (1 + torch.rand(2, 9, 4, generator=generator, dtype=torch.float64))
+    size = torch.full((2, 9, 1), 40.0, dtype=torch.float64)
+    metric = torch.randn(2, 9, 3, generator=generator, dtype=torch.float64)
+    expected, expected_size = reference_merge(x, size[..., 0], metric, r=3, prefix=1)
+    assert ((x * size).half().isinf()).all()  # what ToMe's own code would compute on
+    kept, merged, into = bipartite_soft_matching(metric, r=3, prefix=1)
+    got, got_size = merge_weighted(x.half(), size.half(), kept, merged, into, prefix=1)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=0)
+    assert torch.equal(got_size[..., 0].double(), expected_size)
