@@ -110,7 +110,7 @@ def evolving_step(name: str, inputs: BlockInputs, device: str) -> Step:
     opening, closing = blocks[LOCATION], blocks[-1]
 
     def step() -> torch.Tensor:
-        opening.state.begin(inputs.scores[:, PREFIX:])  # g as the block before leaves it (the head sum ranks alike)
+        opening.state.begin(inputs.scores)  # g as the block before leaves it (the head sum ranks alike; prefix +inf)
         opened = opening.open_stage(inputs.x)
         closing.close_stage(opened)
         return opened

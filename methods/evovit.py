@@ -27,6 +27,7 @@ blends g from the first layer and keeps one patch fewer; both released codes poo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import batch_rows, class_attention_per_head, gather_tokens, weighted_sum, with_prefix
+from methods.token_ops import batch_rows, class_attention_per_head, gather_tokens
 from methods.tracing import report_restore, report_selection
 
 VARIANTS = ("paper", "official")
@@ -99,8 +100,10 @@ class EvoViTConfig(ReductionConfig):
 class StageState:
     """What one forward pass carries from one patched block to the next; one object, shared by them."""
 
-    attention: torch.Tensor | None = None  # [B, M] g, in the order of the M patch tokens (kept ones first)
-    positions: torch.Tensor | None = None  # [B, M] original patch index of each, None while in original order
+    # [B, P + M] g, in the order of the tokens (the prefix, then the kept patches, then the held ones); the
+    # prefix's entries are +inf, so that every ranking puts the prefix first and gives sequence positions
+    attention: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # [B, P + M] original position of each, None while in original order
     held: torch.Tensor | None = None  # [B, M - K, C] the tokens outside the blocks during a stage
     representative: torch.Tensor | None = None  # [B, 1, C] paper: the representative token as the stage began
 
@@ -109,17 +112,22 @@ class StageState:
 
 
 def rank_by_attention(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g sorted highest first, and the order that sorts it (a full sort, as released). [B, M] -> 2 x [B, M]"""
-    scores, order = attention.sort(dim=1, descending=True)
+    """g sorted highest first, and the order that sorts it (a full sort, as released). [B, P + M] -> 2 x [B, P + M]
+
+    The sort is stable, so the prefix's +inf entries keep their order: the prefix first, as it was.
+    """
+    scores, order = attention.sort(dim=1, descending=True, stable=True)
     return scores, order
 
 
-def summarise(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """The representative token: the tokens weighted by their scores normalised to sum to one.
+def summarise(tokens: torch.Tensor, scores: torch.Tensor, out: torch.Tensor) -> None:
+    """The representative token, written into `out`: the tokens weighted by their scores normalised to sum
+    to one. In place, the product is not autocast: it reads the tokens once, in their dtype.
 
-    tokens: [B, M, C], scores: [B, M] -> [B, 1, C]
+    tokens: [B, M, C], scores: [B, M], out: [B, 1, C]
     """
-    return weighted_sum(tokens, scores / scores.sum(dim=1, keepdim=True))
+    weights = (scores / scores.sum(dim=1, keepdim=True)).unsqueeze(1).to(tokens.dtype)  # [B, 1, M]
+    out.baddbmm_(weights, tokens, beta=0)
 
 
 class EvoBlock(Block):
@@ -147,8 +155,10 @@ class EvoBlock(Block):
 
     def track_attention(self) -> None:
         q_cls, k, scale = take_tapped_qk(self)
-        attention = class_attention_per_head(q_cls, k, scale)[:, :, self.prefix :].sum(dim=1)  # [B, n]: head sum
+        attention = class_attention_per_head(q_cls, k, scale).sum(dim=1)  # [B, N]: head sum, the prefix's too
+        p = self.prefix
         if self.starts:
+            attention[:, :p] = math.inf
             self.state.begin(attention)
             return
         state = self.state
@@ -157,28 +167,28 @@ class EvoBlock(Block):
         # g is this forward's own tensor (from the sort that opened the stage); under autograd the
         # representative token's weights are a saved view of it, so the blend goes to a copy there.
         g = state.attention.clone() if state.attention.requires_grad else state.attention
-        g[:, :n].mul_(1 - self.tradeoff).add_(attention[:, :n], alpha=self.tradeoff)
+        g[:, p:n].lerp_(attention[:, p:n], self.tradeoff)
         state.attention = g
 
     def open_stage(self, x: torch.Tensor) -> torch.Tensor:
         """Keep the patch tokens with the highest g, highest first; hold the others (paper: and summarise them)."""
-        patches = x[:, self.prefix :]  # [B, M, C]
-        keep = int(self.keep_rate * patches.shape[1])
-        if keep >= patches.shape[1]:
+        p = self.prefix
+        keep = int(self.keep_rate * (x.shape[1] - p))
+        if keep >= x.shape[1] - p:
             return x  # nothing to hold: the stage is the stock blocks
         state = self.state
-        scores, order = rank_by_attention(state.attention)  # [B, M] each
+        scores, order = rank_by_attention(state.attention)  # [B, P + M] each: sequence positions, the prefix's first
         appended = int(self.variant == "paper")  # the representative token, in the row of the best held one
         rows = batch_rows(x)
-        out = gather_tokens(x, with_prefix(order[:, : keep + appended], self.prefix), rows)  # [B, P + keep (+ 1), C]
-        state.held = gather_tokens(patches, order[:, keep:], rows)  # [B, M - keep, C]
+        out = gather_tokens(x, order[:, : p + keep + appended], rows)  # [B, P + keep (+ 1), C]
+        state.held = gather_tokens(x, order[:, p + keep :], rows)  # [B, M - keep, C]
         state.positions = order if state.positions is None else state.positions.gather(1, order)
         state.attention = scores
         if appended:
-            state.representative = summarise(state.held, scores[:, keep:])
-            out[:, -1:] = state.representative
-        # The tracer is told of a restore at every close, so it takes original indices here.
-        report_selection(self, state.positions[:, :keep], others=HELD_AS[self.variant], appended=appended)
+            summarise(state.held, scores[:, p + keep :], out=out[:, -1:])
+            state.representative = out[:, -1:]  # no block writes into its input: as the stage began
+        # The tracer is told of a restore at every close, so it takes original positions here.
+        report_selection(self, state.positions[:, p : p + keep], HELD_AS[self.variant], appended, offset=p)
         return out
 
     def close_stage(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,16 +205,15 @@ class EvoBlock(Block):
         return x
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
-        """Fast path for the held tokens, then every patch token written once, straight to its original place."""
+        """Fast path for the held tokens, then every token written once, straight to its original place."""
         state = self.state
-        p, kept = self.prefix, x.shape[1] - self.prefix - 1  # x: prefix, kept tokens, representative
+        slow = x.shape[1] - 1  # x: prefix, kept tokens, representative
         held = state.held + (x[:, -1:] - state.representative)  # [B, M - K, C]
         rows = batch_rows(x)
-        out = x.new_empty(x.shape[0], p + state.positions.shape[1], x.shape[2])  # [B, P + M, C]
-        out[:, :p] = x[:, :p]
-        out[:, p:][rows, state.positions[:, :kept]] = x[:, p:-1]
-        out[:, p:][rows, state.positions[:, kept:]] = held
-        attention = state.attention.new_empty(state.attention.shape)  # [B, M]
+        out = x.new_empty(x.shape[0], state.positions.shape[1], x.shape[2])  # [B, P + M, C]
+        out[rows, state.positions[:, :slow]] = x[:, :-1]
+        out[rows, state.positions[:, slow:]] = held
+        attention = state.attention.new_empty(state.attention.shape)  # [B, P + M]
         attention[rows, state.positions] = state.attention
         state.attention, state.positions, state.representative = attention, None, None
         return out

@@ -85,35 +85,14 @@ def top_k_positions(scores: torch.Tensor, k: int, prefix: int) -> torch.Tensor:
     return positions
 
 
-def with_prefix(idx: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Patch indices as sequence positions, after the prefix tokens' own: [B, k] -> [B, prefix + k]
-
-    Gathering these from the whole sequence assembles the prefix and the chosen patches in one pass.
-    """
-    prefix_positions = torch.arange(prefix, device=idx.device).expand(idx.shape[0], -1)  # [B, prefix]
-    return torch.cat([prefix_positions, idx + prefix], dim=1)
-
-
-def weighted_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_m weights[:, m] * x[:, m], in x's dtype. x: [B, M, C], weights: [B, M] -> [B, 1, C]
-
-    Autocast would cast all of x to half precision for the mat-vec, a full copy of the token states
-    for one token; computing in x's dtype reads x once and gives what fp32 gives without autocast.
-    """
-    weights = weights.unsqueeze(1).to(x.dtype)  # [B, 1, M]
-    if not torch.is_autocast_enabled(x.device.type):
-        return weights @ x  # without entering a context: it costs more than the product on a small batch
-    with torch.autocast(x.device.type, enabled=False):
-        return weights @ x
-
-
 def fuse_dropped(x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:
     """EViT's fused token, written into `out`: the sum of the tokens not in `kept`, weighted by their raw scores.
 
     The kept tokens' weights are zeroed in `scores` itself (it is overwritten) rather than the dropped
     tokens gathered: one scatter and a batched mat-vec instead of a sort for the complement. The mat-vec
     writes straight into `out` (the fused token's row of the output), so no [B, 1, C] result is copied
-    there; an in-place product is not autocast, so it reads x once, in x's dtype, as `weighted_sum`.
+    there; an in-place product is not autocast, so it reads x once, in x's dtype (autocast would copy all of x
+    to half precision for the one token), and gives what fp32 gives without autocast.
     x: [B, N, C], scores: [B, N], kept: [B, k] (every prefix position among them), out: [B, 1, C]
     """
     weights = scores.scatter_(1, kept, 0.0).unsqueeze(1).to(x.dtype)  # [B, 1, N]

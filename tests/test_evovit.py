@@ -105,12 +105,13 @@ def mean_pool_logits(model, images):
 
 
 def record_rankings(monkeypatch):
-    """Every g the model ranks, as it was before the sort."""
+    """Every g the model ranks, as it was before the sort, less the class token's entry (+inf: it ranks first)."""
     seen = []
     rank = evovit.rank_by_attention
 
     def recording(attention):
-        seen.append(attention.clone())
+        assert attention[:, 0].isposinf().all()
+        seen.append(attention[:, 1:].clone())
         return rank(attention)
 
     monkeypatch.setattr(evovit, "rank_by_attention", recording)
@@ -203,6 +204,20 @@ def test_fast_path_adds_the_representative_updates_to_every_held_token(monkeypat
     torch.testing.assert_close(out[:, 1:], expected, rtol=1e-5, atol=1e-5)
     moved = permute(out[:, 1:], order)[:, 8:] - held
     torch.testing.assert_close(moved, update.expand_as(moved), rtol=1e-5, atol=1e-5)
+
+
+def test_representative_token_stays_in_the_tokens_dtype_under_autocast():
+    """Its mat-vec runs on the fp32 tokens, as without autocast (not on a bfloat16 copy of them), in its slot."""
+    generator = torch.Generator().manual_seed(2)
+    held, scores = torch.randn(2, 6, 4, generator=generator), torch.rand(2, 6, generator=generator)
+    expected, got = torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)
+    evovit.summarise(held, scores, out=expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        evovit.summarise(held, scores, out=got)
+        assert (scores.unsqueeze(1) @ held).dtype == torch.bfloat16  # what autocast makes of a plain product
+    assert torch.equal(got, expected)
+    weights = scores / scores.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(expected, (weights.unsqueeze(-1) * held).sum(dim=1, keepdim=True))
 
 
 def label_patches_in_channel_zero(model):

@@ -84,24 +84,26 @@ CLS_ROW = 5
 COPIES = ("aten::clone", "aten::_to_copy")  # a copy of the keys or the tokens, or a cast of them
 TOP_K = 2  # top-k over the sequence, the prefix first (fill_, topk): sequence positions
 ASSEMBLY = 2  # one row gather (arange, index)
-WITH_PREFIX = 3  # patch indices to sequence positions after the prefix's own (arange, add, cat)
 EXPECTED = {
     "evit": CLS_ROW + TOP_K + ASSEMBLY + 2,  # the fused token (scatter_, baddbmm_)
     "prune": CLS_ROW + TOP_K + ASSEMBLY,
     "dynamicvit": TOP_K + ASSEMBLY,
 }
+# Evo-ViT's g has an entry per token, the prefix's +inf: a stable sort of it gives sequence positions, the prefix's
+# first, so that the gathers need no index arithmetic and the restore no copy of the prefix.
 EVO_EXPECTED = {
     "paper": {
-        "start g": CLS_ROW,  # the CLS row, its heads summed (the released code's g)
-        "blend g": CLS_ROW + 2,  # g = (1 - t) g + t (head sum), in place on the kept tokens' entries
-        # sort; the kept and the held tokens' gathers (one batch index); the representative (sum, div, mat-vec, slot)
-        "open": 1 + WITH_PREFIX + ASSEMBLY + 1 + 4,
-        "close": 7,  # fast path (sub, add); tokens and g written to their places (arange, prefix copy, 3 index_put_)
+        "start g": CLS_ROW + 1,  # the CLS row, its heads summed (the released code's g); the prefix's +inf (fill_)
+        "blend g": CLS_ROW + 1,  # g = (1 - t) g + t (head sum), one lerp_ in place on the kept tokens' entries
+        # sort; the kept and the held tokens' gathers (one batch index); the representative in its slot (sum, div,
+        # an in-place mat-vec)
+        "open": 1 + ASSEMBLY + 1 + 3,
+        "close": 6,  # fast path (sub, add); tokens and g written to their places (arange, 3 index_put_)
     },
     "official": {  # close: a cat
-        "start g": CLS_ROW,
-        "blend g": CLS_ROW + 2,
-        "open": 1 + WITH_PREFIX + ASSEMBLY + 1,
+        "start g": CLS_ROW + 1,
+        "blend g": CLS_ROW + 1,
+        "open": 1 + ASSEMBLY + 1,
         "close": 1,
     },
 }

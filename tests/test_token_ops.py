@@ -77,27 +77,27 @@ def test_class_logits_read_the_strided_keys_as_the_explicit_product():
         torch.testing.assert_close(token_ops.class_logits(q[:, :, :1], keys, scale), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_gather_tokens_and_with_prefix_by_hand():
+def test_gather_tokens_by_hand():
     x = torch.arange(2 * 5 * 2.0).view(2, 5, 2)  # token j of sequence b is [10b + 2j, 10b + 2j + 1]
-    idx = torch.tensor([[2, 0], [1, 3]])  # patch indices, after a prefix of 1
-    positions = token_ops.with_prefix(idx, 1)
-    assert positions.tolist() == [[0, 3, 1], [0, 2, 4]]
+    positions = torch.tensor([[0, 3, 1], [0, 2, 4]])
     assert token_ops.gather_tokens(x, positions).tolist() == [
         [[0, 1], [6, 7], [2, 3]],
         [[10, 11], [14, 15], [18, 19]],
     ]
-    assert token_ops.with_prefix(idx, 2).tolist() == [[0, 1, 4, 2], [0, 1, 3, 5]]
     assert torch.equal(token_ops.gather_tokens(x, positions, token_ops.batch_rows(x)), x[[[0], [1]], positions])
 
 
-def test_weighted_sum_stays_in_the_tokens_dtype_under_autocast():
-    """Autocast would run the mat-vec on a bfloat16 copy of the tokens; it runs on the fp32 tokens, as without it."""
+def test_fused_token_stays_in_the_tokens_dtype_under_autocast():
+    """Autocast would run the mat-vec on a bfloat16 copy of the tokens; it runs on the fp32 tokens, as
+    without it, straight into the fused token's slot."""
     generator = torch.Generator().manual_seed(2)
-    x, weights = torch.randn(2, 6, 4, generator=generator), torch.rand(2, 6, generator=generator)
-    expected = token_ops.weighted_sum(x, weights)
+    x, scores = torch.randn(2, 6, 4, generator=generator), torch.rand(2, 6, generator=generator)
+    kept = torch.tensor([[0, 2], [0, 5]])
+    expected, got = torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)
+    token_ops.fuse_dropped(x, scores.clone(), kept, out=expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = token_ops.weighted_sum(x, weights)
-        cast = weights.unsqueeze(1) @ x  # what autocast makes of the plain product
-    assert cast.dtype == torch.bfloat16 and got.dtype == torch.float32
+        token_ops.fuse_dropped(x, scores.clone(), kept, out=got)
+        assert (scores.unsqueeze(1) @ x).dtype == torch.bfloat16  # what autocast makes of a plain product
     assert torch.equal(got, expected)
-    torch.testing.assert_close(expected, (weights.unsqueeze(-1) * x).sum(dim=1, keepdim=True))
+    dropped = scores.scatter(1, kept, 0.0)
+    torch.testing.assert_close(expected, (dropped.unsqueeze(-1) * x).sum(dim=1, keepdim=True))

@@ -34,6 +34,7 @@ ZERO_MAC_OPS = frozenset(
         "aten::sub_",
         "aten::mul",
         "aten::mul_",
+        "aten::lerp_",
         "aten::div",
         "aten::div_",
         "aten::reciprocal_",
