@@ -86,8 +86,8 @@ def bipartite_soft_matching(
     """ToMe's matching: tokens alternate between A (even) and B (odd); the r A tokens most similar to
     a B token are merged into it. Prefix tokens in A are never merged, none is merged into one in B.
 
-    metric: [B, N, D] -> A indices kept [B, Na - r] (sorted when there is a prefix, as ToMe sorts them),
-    A indices merged [B, r], and the B index each goes into [B, r]; Na = ceil(N / 2).
+    metric: [B, N, D] -> the sequence positions of the A tokens kept [B, Na - r] (sorted when there is a
+    prefix, as ToMe sorts them) and merged [B, r], and the B index each goes into [B, r]; Na = ceil(N / 2).
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # [B, Na, Nb]: cosine similarity, A to B
@@ -96,10 +96,12 @@ def bipartite_soft_matching(
         scores[:, :, : prefix // 2] = -math.inf
     best, match = scores.max(dim=-1)  # [B, Na]
     order = best.argsort(dim=-1, descending=True)  # [B, Na]
-    kept, merged = order[:, r:], order[:, :r]
+    into = match.gather(1, order[:, :r])
+    positions = 2 * order  # A token i sits at 2i
+    kept, merged = positions[:, r:], positions[:, :r]
     if prefix:
         kept = kept.sort(dim=-1).values
-    return kept, merged, match.gather(1, merged)
+    return kept, merged, into
 
 
 def merge_weighted(
@@ -111,7 +113,8 @@ def merge_weighted(
     prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average each merged A token into its B token, weighted by size; ToMe's order after: the prefix,
-    the kept A tokens, the B tokens. x: [B, N, C], size: [B, N, 1] (None: every token one patch)
+    the kept A tokens, the B tokens. x: [B, N, C], size: [B, N, 1] (None: every token one patch), kept and
+    merged: A tokens' sequence positions, into: B indices (as `bipartite_soft_matching` gives them)
     -> [B, N - r, C], [B, N - r, 1]
 
     One gather writes every token that stays to its place; then each B token that takes merged ones
@@ -122,11 +125,10 @@ def merge_weighted(
     """
     batch, n, channels = x.shape
     in_a, in_b = (prefix + 1) // 2, prefix // 2  # prefix tokens in A (even positions) and in B (odd ones)
-    b_positions = torch.arange(2 * in_b + 1, n, 2, device=x.device).expand(batch, -1)  # [B, Nb - in_b]
-    prefix_positions = torch.arange(prefix, device=x.device).expand(batch, -1)  # [B, prefix]
-    positions = torch.cat([prefix_positions, 2 * kept[:, in_a:], b_positions], dim=1)  # [B, N - r]
-    sources = 2 * merged  # [B, r] the merged A tokens' positions
-    targets = into + (prefix + kept.shape[1] - in_a - in_b)  # [B, r] their B tokens' rows after
+    steps = torch.arange(n, device=x.device)  # [N]: the prefix's positions and B's, as views
+    prefix_positions, b_positions = steps[:prefix].expand(batch, -1), steps[2 * in_b + 1 :: 2].expand(batch, -1)
+    positions = torch.cat([prefix_positions, kept[:, in_a:], b_positions], dim=1)  # [B, N - r]
+    targets = into + (prefix + kept.shape[1] - in_a - in_b)  # [B, r] the merged tokens' B rows after
     rows = batch_rows(x)  # one for every gather
     out = gather_tokens(x, positions, rows)  # [B, N - r, C]
     if size is None:  # each token one patch, each merged one more
@@ -134,10 +136,10 @@ def merge_weighted(
         out_size.scatter_add_(1, targets.unsqueeze(-1), x.new_ones(batch, merged.shape[1], 1))
         share = gather_tokens(out_size, targets, rows).reciprocal_()  # [B, r, 1]
     else:
-        merged_size = gather_tokens(size, sources, rows)  # [B, r, 1]
+        merged_size = gather_tokens(size, merged, rows)  # [B, r, 1]
         out_size = gather_tokens(size, positions, rows).scatter_add_(1, targets.unsqueeze(-1), merged_size)
         share = merged_size.div_(gather_tokens(out_size, targets, rows))  # [B, r, 1]
-    moves = gather_tokens(x, sources, rows).sub_(gather_tokens(out, targets, rows)).mul_(share)  # [B, r, C]
+    moves = gather_tokens(x, merged, rows).sub_(gather_tokens(out, targets, rows)).mul_(share)  # [B, r, C]
     return out.scatter_add_(1, targets.unsqueeze(-1).expand(-1, -1, channels), moves), out_size
 
 
@@ -146,16 +148,14 @@ def merge_destinations(
 ) -> torch.Tensor:
     """For pictures: the index after `merge_weighted` of each of the n tokens before it. -> [B, N]"""
     in_a, in_b = (prefix + 1) // 2, prefix // 2
-    slot = torch.arange(kept.shape[1], device=kept.device)  # [Na - r]
+    batch, n_kept = kept.shape
+    slot = torch.arange(n_kept, device=kept.device)  # [Na - r]
     b_slot = torch.arange(n // 2, device=kept.device)  # [Nb]
-    kept_to = torch.where(slot < in_a, 2 * slot, prefix + slot - in_a).expand_as(kept)  # [B, Na - r]
-    b_to = torch.where(b_slot < in_b, 2 * b_slot + 1, prefix + kept.shape[1] - in_a + b_slot - in_b)  # [Nb]
-    b_to = b_to.expand(kept.shape[0], -1)  # [B, Nb]
-    a_to = kept.new_empty(kept.shape[0], (n + 1) // 2)  # [B, Na]
-    a_to = a_to.scatter(1, kept, kept_to).scatter(1, merged, b_to.gather(1, into))
-    destination = kept.new_empty(kept.shape[0], n)  # [B, N]
-    destination[:, ::2], destination[:, 1::2] = a_to, b_to
-    return destination
+    kept_to = torch.where(slot < in_a, 2 * slot, prefix + slot - in_a).expand(batch, -1)  # [B, Na - r]
+    b_to = torch.where(b_slot < in_b, 2 * b_slot + 1, prefix + n_kept - in_a + b_slot - in_b).expand(batch, -1)
+    destination = kept.new_empty(batch, n)  # [B, N]
+    destination[:, 1::2] = b_to
+    return destination.scatter_(1, kept, kept_to).scatter_(1, merged, b_to.gather(1, into))  # A: kept or merged
 
 
 @dataclass

@@ -138,15 +138,15 @@ def test_dynamicvit_predictor_copies_no_tokens():
 
 
 # ToMe's matching: the keys' head mean; cosine similarity (norm, div, matmul A B^T); the class token's -inf fill
-# (a second for a prefix token in B); each A token's best B (max); the order of the best (argsort); the kept ones
-# sorted; their B (gather).
-TOME_MATCHING = 9
-# Its merge: positions (2 aranges, 2 kept, cat); the merged ones' positions (2 merged) and their B rows' (targets:
-# add); one batch index (arange) for all its gathers; the tokens at the positions (index); the sizes there, plus the
-# merged ones' (first merge: two new_ones, scatter_add_; sized: index twice, scatter_add_); each merged token's
-# share of its B row's size (index, then reciprocal_ or div_); the move of each B token towards its merged ones
-# (index the merged ones, index their B rows, sub_, mul_, scatter_add_).
-TOME_EXPECTED = TOME_MATCHING + 18
+# (a second for a prefix token in B); each A token's best B (max); the order of the best (argsort); the B each of
+# the merged goes into (gather); A indices to sequence positions (mul); the kept ones sorted.
+TOME_MATCHING = 10
+# Its merge: positions (one arange, whose views are the prefix's and B's; a cat with the kept A tokens'); the
+# merged tokens' B rows (add); one batch index (arange) for all its gathers; the tokens at the positions (index);
+# the sizes there, plus the merged ones' (first merge: two new_ones, scatter_add_; sized: index twice,
+# scatter_add_); each merged token's share of its B row's size (index, then reciprocal_ or div_); the move of each
+# B token towards its merged ones (index the merged ones, index their B rows, sub_, mul_, scatter_add_).
+TOME_EXPECTED = TOME_MATCHING + 15
 
 
 @pytest.mark.parametrize("sized", [False, True])

@@ -164,8 +164,8 @@ def test_matching_by_hand():
     """Tokens 0..5: A = 0, 2, 4; B = 1, 3, 5. Token 0 is the class token (never merged)."""
     metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 0.0], [0.3, 1.0], [-1.0, 0.0]]])
     kept, merged, into = bipartite_soft_matching(metric, r=1, prefix=1)
-    assert merged.tolist() == [[1]] and into.tolist() == [[1]]  # token 2 (A 1) goes into token 3 (B 1)
-    assert kept.tolist() == [[0, 2]]  # the class token first, then token 4 (A 2)
+    assert merged.tolist() == [[2]] and into.tolist() == [[1]]  # token 2 (A 1) goes into token 3 (B 1)
+    assert kept.tolist() == [[0, 4]]  # the class token first, then token 4 (A 2)
     x = torch.arange(12.0).reshape(1, 6, 2)
     size = torch.tensor([[[1.0], [1.0], [3.0], [1.0], [1.0], [1.0]]])
     merged_x, merged_size = merge_weighted(x, size, kept, merged, into, prefix=1)
