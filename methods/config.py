@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from methods.errors import TokenBenchError
 
@@ -29,6 +30,10 @@ class ReductionConfig:
 
     keep_rate: float = 0.7
     locations: tuple[int, ...] = (3, 6, 9)
+
+    # Options that, given, set how much the method reduces in place of keep_rate (ToMe's r): a sweep then
+    # runs it once per group instead of at each of its keep rates.
+    replaces_keep_rate: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.locations, list):

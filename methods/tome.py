@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -54,6 +54,8 @@ class ToMeConfig(ReductionConfig):
     locations: tuple[int, ...] | None = None
     r: int | tuple[int, ...] | None = None
     prop_attn: bool = True
+
+    replaces_keep_rate: ClassVar[tuple[str, ...]] = ("r",)
 
     def __post_init__(self) -> None:
         for name in ("locations", "r"):

@@ -171,6 +171,26 @@ def test_yaml_sweep_file_with_options_overriding_it(tmp_path):
     assert json.loads(prune["method_options"].iloc[0])["locations"] == [1, 2]
 
 
+def test_tome_given_r_runs_once_per_group_at_the_share_of_patches_it_leaves(tmp_path, monkeypatch):
+    """r sets how much ToMe merges, so the keep rates do not apply to it: one row, whose keep_rate is what
+    ToMe's keep_rate means (patch tokens left after the last merge): r = 1 in each of 12 blocks leaves 4 of 16."""
+    args = ["--methods", "tome,prune", "--keep-rates", "0.5,0.7", "--method-args", "tome:r=1"]
+    result = run(tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    records = pd.read_csv(tmp_path / "records.csv")
+    assert sorted(zip(records["method"], records["keep_rate"])) == [
+        ("prune", 0.5),
+        ("prune", 0.7),
+        ("tome", 0.25),
+        ("vanilla", 1.0),
+    ]
+    tome = records[records["method"] == "tome"].iloc[0]
+    assert tome["tokens_per_block"].split() == [str(1 + 16 - block) for block in range(1, 13)]
+    assert json.loads(tome["method_options"])["r"] == 1 and json.loads(tome["method_options"])["keep_rate"] is None
+    monkeypatch.setattr(sweep_module.Sweeper, "measure", lambda self, job: pytest.fail(f"re-measured {job}"))
+    assert run(tmp_path, *args).exit_code == 0  # resumed: every row is done
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -183,6 +203,7 @@ def test_yaml_sweep_file_with_options_overriding_it(tmp_path):
         (["--method-args", "evit:keep=0.5"], "method 'evit' has no option 'keep'"),
         (["--method-args", "evit:locations=[3, 40]"], "beyond the model's depth"),
         (["--method-args", "evit-locations"], "METHOD:key=value"),
+        (["--method-args", "evit:keep_rate=0.3"], "keep_rate is the sweep's axis (keep_rates), not an option of evit"),
         (["--checkpoint", "evit=/no/such/file.pth"], "checkpoint for evit not found"),
         (["--checkpoint", "evit"], "METHOD=PATH"),
         (["--data", "/no/such/folder"], "data folder not found"),

@@ -26,6 +26,7 @@ from harness.measure.throughput import ThroughputConfig, measure_interleaved, me
 from harness.run.records import REFERENCE, RunStore
 from methods.config import check_keep_rate
 from methods.errors import TokenBenchError, UntrainedWeightsWarning
+from methods.timm_compat import num_prefix_tokens
 
 # Where a sweep does not say: on CPU a short protocol, so the default sweep takes minutes (the
 # speedups are still interleaved ratios); on GPU timm's benchmark habits at batch 256 (ToMe's and
@@ -92,6 +93,11 @@ class SweepConfig:
     def __post_init__(self) -> None:
         for name in (*self.methods, *self.checkpoints, *self.method_args):
             methods.lookup(name)
+        for name, options in self.method_args.items():
+            if "keep_rate" in options:
+                raise TokenBenchError(
+                    f"keep_rate is the sweep's axis (keep_rates), not an option of {name}; give the keep rates there"
+                )
         for keep_rate in self.keep_rates:
             check_keep_rate(keep_rate)
         if not self.models or not self.keep_rates or not self.resolutions or not self.methods:
@@ -135,11 +141,22 @@ class SweepConfig:
                         if name == REFERENCE:
                             continue
                         options = dict(self.method_args.get(name, {}))
-                        grid.extend(Job(model, name, k, resolution, batch, options) for k in self.keep_rates)
+                        grid.extend(Job(model, name, k, resolution, batch, options) for k in self.keep_rates_for(name))
         return grid
 
+    def keep_rates_for(self, name: str) -> tuple[float | None, ...]:
+        """The keep rates `name` runs at: the sweep's; the reference's 1.0; or one run, None, where its
+        options set how much it reduces instead (ToMe's r)."""
+        if name == REFERENCE:
+            return (1.0,)
+        options = self.method_args.get(name, {})
+        if any(options.get(option) is not None for option in methods.lookup(name).config_cls.replaces_keep_rate):
+            return (None,)
+        return self.keep_rates
+
     def reference_job(self, model: str, resolution: int, batch_size: BatchSize) -> Job:
-        return Job(model, REFERENCE, 1.0, resolution, batch_size, dict(self.method_args.get(REFERENCE, {})))
+        options = dict(self.method_args.get(REFERENCE, {}))
+        return Job(model, REFERENCE, self.keep_rates_for(REFERENCE)[0], resolution, batch_size, options)
 
     def checkpoint_for(self, method: str) -> str | None:
         """A method without its own checkpoint runs on the reference's weights (off the shelf)."""
@@ -165,17 +182,25 @@ class SweepConfig:
 class Job:
     model: str
     method: str
-    keep_rate: float
+    keep_rate: float | None  # None: the options set how much the method reduces (SweepConfig.keep_rates_for)
     resolution: int
     batch_size: BatchSize
     options: dict[str, Any]
 
+    def method_kwargs(self) -> dict[str, Any]:
+        return self.options if self.keep_rate is None else {"keep_rate": self.keep_rate, **self.options}
+
     def make_config(self) -> methods.AppliedMethod:
-        config = methods.lookup(self.method).make_config(keep_rate=self.keep_rate, **self.options)
+        config = methods.lookup(self.method).make_config(**self.method_kwargs())
         return methods.AppliedMethod(self.method, config)
 
     def label(self) -> str:
-        return f"{self.model} {self.method} keep={self.keep_rate:g} @{self.resolution} batch {self.batch_size}"
+        amount = (
+            " ".join(f"{k}={v}" for k, v in self.options.items())
+            if self.keep_rate is None
+            else f"keep={self.keep_rate:g}"
+        )
+        return f"{self.model} {self.method} {amount} @{self.resolution} batch {self.batch_size}"
 
 
 def config_key(sweep: SweepConfig, job: Job) -> str:
@@ -214,7 +239,7 @@ def build_model(sweep: SweepConfig, job: Job, device: str) -> nn.Module:
     with warnings.catch_warnings():
         if checkpoint is not None or sweep.data is None:
             warnings.simplefilter("ignore", UntrainedWeightsWarning)
-        methods.apply(model, job.method, keep_rate=job.keep_rate, **job.options)
+        methods.apply(model, job.method, **job.method_kwargs())
     if checkpoint is not None:
         methods.load_checkpoint(model, checkpoint)
     return model.to(device).eval()
@@ -287,7 +312,7 @@ class Sweeper:
         row = {
             "model": job.model,
             "method": job.method,
-            "keep_rate": job.keep_rate,
+            "keep_rate": patches_left(model, counts) if job.keep_rate is None else job.keep_rate,
             "method_options": json.dumps(config_options(job), sort_keys=True),
             "resolution": job.resolution,
             "device": self.device,
@@ -341,6 +366,13 @@ class Sweeper:
         )
 
 
+def patches_left(model: nn.Module, counts: methods.BlockTokenCounts) -> float:
+    """The share of the input's patch tokens that leave the last block: the keep rate of a method whose
+    options set its reduction (ToMe's keep_rate is defined so: patch tokens left after its last merge)."""
+    prefix = num_prefix_tokens(model)
+    return (counts.ffn[-1] - prefix) / (counts.entering - prefix)
+
+
 def config_options(job: Job) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.make_config().config).items()}
 
@@ -376,5 +408,4 @@ def preflight(sweep: SweepConfig) -> None:
         resolution = sweep.resolutions[0]
         for name in dict.fromkeys((REFERENCE, *sweep.methods)):
             options = dict(sweep.method_args.get(name, {}))
-            keep_rate = 1.0 if name == REFERENCE else sweep.keep_rates[0]
-            build_model(sweep, Job(model, name, keep_rate, resolution, SEARCHED, options), "cpu")
+            build_model(sweep, Job(model, name, sweep.keep_rates_for(name)[0], resolution, SEARCHED, options), "cpu")
