@@ -42,10 +42,13 @@ def class_attention_per_head(q_cls: torch.Tensor, k: torch.Tensor, scale: float)
     """Post-softmax attention from the CLS query to every key (the prefix's too), per head.
 
     Only the CLS row is computed (H x N dot products), never the N x N matrix; the softmax runs
-    over all keys, so the weights are those of the full attention.
-    q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, H, N]
+    over all keys, so the weights are those of the full attention. It runs in fp32 at least, as
+    autocast runs a softmax: with half-precision weights, attention below 6e-8 would flush to zero, and a
+    score that sums such weights (Evo-ViT's normalised by their sum) would become 0 / 0.
+    q_cls: [B, H, 1, D], k: [B, H, N, D] -> [B, H, N], in fp32 (or float64 for float64 keys)
     """
-    return class_logits(q_cls, k, scale).softmax(dim=-1)
+    logits = class_logits(q_cls, k, scale)
+    return logits.softmax(dim=-1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
 def class_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

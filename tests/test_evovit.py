@@ -220,6 +220,15 @@ def test_representative_token_stays_in_the_tokens_dtype_under_autocast():
     torch.testing.assert_close(expected, (weights.unsqueeze(-1) * held).sum(dim=1, keepdim=True))
 
 
+def test_paper_variant_stays_finite_with_half_precision_weights(images):
+    """Sharp class attention in fp16 weights: the held tokens' g would flush to zero in an fp16 softmax,
+    and their normalised weights (the representative token's) become 0 / 0, NaN through every later block."""
+    model = peaked_attention(timm.create_model("deit_tiny_patch16_224")).half()
+    methods.apply(model, "evo-vit", variant="paper")
+    with torch.no_grad():
+        assert model(images.half()).isfinite().all()
+
+
 def label_patches_in_channel_zero(model):
     """Channel 0 of patch token j holds j / P through the whole network: no residual branch writes it."""
     patches = model.patch_embed.num_patches

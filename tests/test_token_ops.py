@@ -101,3 +101,17 @@ def test_fused_token_stays_in_the_tokens_dtype_under_autocast():
     assert torch.equal(got, expected)
     dropped = scores.scatter(1, kept, 0.0)
     torch.testing.assert_close(expected, (dropped.unsqueeze(-1) * x).sum(dim=1, keepdim=True))
+
+
+def test_class_attention_of_half_precision_keys_is_fp32_and_keeps_the_small_weights():
+    """Logits 20 apart: a weight of e^-20 (2e-9) flushes to zero in fp16 but not in the fp32 softmax."""
+    q = torch.zeros(1, 1, 1, 2, dtype=torch.float16)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 3, 2, dtype=torch.float16)
+    k[0, 0, :, 0] = torch.tensor([20.0, 0.0, 10.0])
+    got = token_ops.class_attention_per_head(q, k, 1.0)
+    expected = torch.tensor([20.0, 0.0, 10.0], dtype=torch.float64).softmax(dim=0)
+    assert got.dtype == torch.float32 and (got > 0).all()
+    assert (token_ops.class_logits(q, k, 1.0).softmax(dim=-1) == 0).any()  # what an fp16 softmax gives
+    torch.testing.assert_close(got[0, 0].double(), expected, rtol=1e-3, atol=0)
+    assert token_ops.class_attention_per_head(q.double(), k.double(), 1.0).dtype == torch.float64
