@@ -120,12 +120,14 @@ def evolving_step(name: str, inputs: BlockInputs, device: str) -> Step:
 
 def merging_step(name: str, inputs: BlockInputs, device: str) -> Step:
     """ToMe's step as its block runs it, at ToMe's DeiT setting r = 13: bipartite matching on the keys'
-    head mean, then the size-weighted merge, between attention and FFN; every token a single patch."""
+    head mean, then the size-weighted merge, between attention and FFN. The tokens carry sizes, as in
+    every merge but a forward's first (all one here: the values do not change the work)."""
     model = methods.apply(create_model(MODEL, IMG_SIZE), name, r=13, locations=(LOCATION,))
     block = model.to(device).eval().blocks[LOCATION]
+    size = inputs.attended.new_ones(*inputs.attended.shape[:2], 1)  # [B, N, 1]
 
     def step() -> torch.Tensor:
-        block.state.size = None  # the first merge of a forward: every token stands for one patch
+        block.state.size = size
         block.tapped_qk.update(q_cls=inputs.q_cls, k=inputs.k)
         return block.merge(inputs.attended)
 
