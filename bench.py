@@ -212,7 +212,13 @@ def read_sweep_file(path: str) -> dict[str, Any]:
 )
 @click.option("--real-labels", type=click.Path(), help="ImageNet-ReaL's real.json: adds top1_real.")
 @click.option("--checkpoint", "checkpoint_args", multiple=True, help="METHOD=PATH, repeatable.")
-@click.option("--method-args", "method_args_args", multiple=True, help="METHOD:key=value[,key=value], repeatable.")
+@click.option(
+    "--method-args",
+    "method_args_args",
+    multiple=True,
+    help="METHOD:key=value[,key=value], repeatable. An option that sets how much a method reduces "
+    "(tome:r=8) runs it once per group instead of at each keep rate.",
+)
 @click.option("--config", "config_file", type=click.Path(), help="A YAML sweep file; options override it.")
 @click.option("--out", help=f"Run folder; the same command resumes it.  [default: {DEFAULT_OUT}]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
