@@ -4,9 +4,12 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from bench import cli
+from harness.measure.accuracy import accuracy_columns
+from harness.run import sweep as sweep_module
 from tests.test_accuracy import noise_tree
 from tests.test_cli import FAST
 
@@ -39,6 +42,27 @@ def test_data_options_reach_the_rows(tmp_path):
     assert records["decode_s"].gt(0).tolist() == [True, False]
     assert all('"class_subset": "present"' in key for key in records["config_key"])
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_evaluation_runs_under_the_runs_threads(tmp_path, monkeypatch):
+    """--threads holds for the top-1 as for the timing: the model is evaluated as it was timed."""
+    seen = []
+
+    def counting(model, data, **options):
+        seen.append(torch.get_num_threads())
+        return accuracy_columns(model, data, **options)
+
+    monkeypatch.setattr(sweep_module, "accuracy_columns", counting)
+    threads = torch.get_num_threads()
+    wanted = 1 if threads > 1 else 2
+    root = synset_tree(tmp_path / "val")
+    result = run(
+        tmp_path / "out", "--data", str(root), "--cache-dir", str(tmp_path / "cache"), "--threads", str(wanted)
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == [wanted, wanted]  # vanilla and evit
+    assert torch.get_num_threads() == threads  # and restored after
 
 
 def bad_real(tmp_path, root):

@@ -22,7 +22,7 @@ from harness.measure.distributed import from_main_process
 from harness.measure.macs import count_macs
 from harness.measure.models import create_model
 from harness.measure.provenance import provenance
-from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput
+from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput, run_settings
 from harness.run.records import REFERENCE, RunStore
 from methods.config import check_keep_rate
 from methods.errors import TokenBenchError, UntrainedWeightsWarning
@@ -340,7 +340,7 @@ class Sweeper:
             "device_name": speed.device_name,
             "protocol": json.dumps(speed.protocol, sort_keys=True, default=str),
         }
-        row.update(self.accuracy(model, job.resolution))
+        row.update(self.accuracy(model, job))
         row.update(self.provenance)
         return row
 
@@ -352,18 +352,21 @@ class Sweeper:
             self.counted[key] = count_macs(model, job.resolution), methods.block_token_counts(model, job.resolution)
         return self.counted[key]
 
-    def accuracy(self, model: nn.Module, resolution: int) -> dict[str, Any]:
+    def accuracy(self, model: nn.Module, job: Job) -> dict[str, Any]:
+        """Top-1 of the model as it was timed: under the run's CPU threads and, on CUDA, its TF32 setting
+        (both recorded in the row's protocol), which torch's defaults would not give."""
         if self.sweep.data is None:
             return dict(NO_DATA_COLUMNS)
-        return accuracy_columns(
-            model,
-            self.dataset(model, resolution),
-            batch_size=EVAL_BATCH["cpu" if self.device == "cpu" else "cuda"],
-            device=self.device,
-            precision=self.sweep.precision,
-            model_dtype=self.sweep.model_dtype,
-            class_subset=self.sweep.class_subset,
-        )
+        with run_settings(self.device, self.sweep.throughput_config(job.batch_size)):
+            return accuracy_columns(
+                model,
+                self.dataset(model, job.resolution),
+                batch_size=EVAL_BATCH["cpu" if self.device == "cpu" else "cuda"],
+                device=self.device,
+                precision=self.sweep.precision,
+                model_dtype=self.sweep.model_dtype,
+                class_subset=self.sweep.class_subset,
+            )
 
 
 def patches_left(model: nn.Module, counts: methods.BlockTokenCounts) -> float:
