@@ -49,7 +49,7 @@ from methods.timm_compat import (
     take_tapped_qk,
     tap_query_key,
 )
-from methods.token_ops import batch_rows, class_attention_per_head, gather_tokens
+from methods.token_ops import batch_rows, class_attention_per_head, gather_tokens, weighted_sum_into
 from methods.tracing import report_restore, report_selection
 
 VARIANTS = ("paper", "official")
@@ -122,12 +122,8 @@ def rank_by_attention(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def summarise(tokens: torch.Tensor, scores: torch.Tensor, out: torch.Tensor) -> None:
     """The representative token, written into `out`: the tokens weighted by their scores normalised to sum
-    to one. In place, the product is not autocast: it reads the tokens once, in their dtype.
-
-    tokens: [B, M, C], scores: [B, M], out: [B, 1, C]
-    """
-    weights = (scores / scores.sum(dim=1, keepdim=True)).unsqueeze(1).to(tokens.dtype)  # [B, 1, M]
-    out.baddbmm_(weights, tokens, beta=0)
+    to one. tokens: [B, M, C], scores: [B, M], out: [B, 1, C]"""
+    weighted_sum_into(tokens, scores / scores.sum(dim=1, keepdim=True), out)
 
 
 class EvoBlock(Block):

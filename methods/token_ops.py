@@ -88,15 +88,21 @@ def top_k_positions(scores: torch.Tensor, k: int, prefix: int) -> torch.Tensor:
     return positions
 
 
+def weighted_sum_into(x: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
+    """sum_m weights[:, m] * x[:, m], written into `out`. x: [B, M, C], weights: [B, M], out: [B, 1, C]
+
+    The mat-vec writes straight into `out` (a token's row of an output), so no [B, 1, C] result is copied
+    there; an in-place product is not autocast, so it reads x once, in x's dtype (autocast would copy all
+    of x to half precision for the one token), and gives what fp32 gives without autocast.
+    """
+    out.baddbmm_(weights.unsqueeze(1).to(x.dtype), x, beta=0)
+
+
 def fuse_dropped(x: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, out: torch.Tensor) -> None:
     """EViT's fused token, written into `out`: the sum of the tokens not in `kept`, weighted by their raw scores.
 
     The kept tokens' weights are zeroed in `scores` itself (it is overwritten) rather than the dropped
-    tokens gathered: one scatter and a batched mat-vec instead of a sort for the complement. The mat-vec
-    writes straight into `out` (the fused token's row of the output), so no [B, 1, C] result is copied
-    there; an in-place product is not autocast, so it reads x once, in x's dtype (autocast would copy all of x
-    to half precision for the one token), and gives what fp32 gives without autocast.
-    x: [B, N, C], scores: [B, N], kept: [B, k] (every prefix position among them), out: [B, 1, C]
+    tokens gathered: one scatter and a batched mat-vec (`weighted_sum_into`) instead of a sort for the
+    complement. x: [B, N, C], scores: [B, N], kept: [B, k] (every prefix position among them), out: [B, 1, C]
     """
-    weights = scores.scatter_(1, kept, 0.0).unsqueeze(1).to(x.dtype)  # [B, 1, N]
-    out.baddbmm_(weights, x, beta=0)
+    weighted_sum_into(x, scores.scatter_(1, kept, 0.0), out)
