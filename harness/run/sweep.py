@@ -357,10 +357,11 @@ class Sweeper:
         (both recorded in the row's protocol), which torch's defaults would not give."""
         if self.sweep.data is None:
             return dict(NO_DATA_COLUMNS)
+        data = self.dataset(model, job.resolution)  # decoded (once) outside: the settings are the model's
         with run_settings(self.device, self.sweep.throughput_config(job.batch_size)):
             return accuracy_columns(
                 model,
-                self.dataset(model, job.resolution),
+                data,
                 batch_size=EVAL_BATCH["cpu" if self.device == "cpu" else "cuda"],
                 device=self.device,
                 precision=self.sweep.precision,
