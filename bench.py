@@ -1,4 +1,4 @@
-"""tokenbench's command line: list | run | report | plot | check | viz (see `bench --help`).
+"""tokenbench's command line: list | run | report | plot | check | viz | cache (see `bench --help`).
 
 This module parses options and calls the harness; it measures nothing itself.
 """
@@ -6,18 +6,22 @@ This module parses options and calls the harness; it measures nothing itself.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
 import methods
 from methods.errors import TokenBenchError
+
+if TYPE_CHECKING:
+    from harness.measure.cache_folders import CacheFolder
 
 DEFAULT_OUT = "results/run"
 
@@ -366,6 +370,52 @@ def viz_command(
     )
     for path in paths:
         click.echo(path)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The decoded images `bench run --data` keeps for reuse: list them, remove them."""
+
+
+CACHE_DIR_OPTION = click.option(
+    "--cache-dir", type=click.Path(), help="The cache folder, as given to bench run.  [default: ~/.cache/tokenbench]"
+)
+
+
+@cache_group.command("list")
+@CACHE_DIR_OPTION
+@user_errors
+def cache_list_command(cache_dir: str | None) -> None:
+    """Each cache, most recently used first: size, images, last use, the images' folder and preprocessing."""
+    from harness.measure.cache_folders import list_caches
+    from harness.measure.decode_cache import default_cache_dir
+
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    caches = list_caches(folder)
+    for cache in caches:
+        click.echo(f"{cache.path.name}  {describe_cache(cache)}  {cache.root}  {cache.preprocessing}")
+    click.echo(f"{len(caches)} caches, {sum(cache.bytes for cache in caches) / 1e9:.2f} GB in {folder}")
+
+
+@cache_group.command("clear")
+@CACHE_DIR_OPTION
+@click.option("--unused-for", type=click.FloatRange(min=0), help="Only the caches not used for this many days.")
+@user_errors
+def cache_clear_command(cache_dir: str | None, unused_for: float | None) -> None:
+    """Remove the caches (all, or those unused for --unused-for days) and what killed decodes left."""
+    from harness.measure.cache_folders import remove_caches
+    from harness.measure.decode_cache import default_cache_dir
+
+    removed = remove_caches(Path(cache_dir) if cache_dir else default_cache_dir(), unused_for)
+    for cache in removed:
+        click.echo(f"removed {cache.path}  {describe_cache(cache)}")
+    click.echo(f"removed {len(removed)} caches, {sum(cache.bytes for cache in removed) / 1e9:.2f} GB")
+
+
+def describe_cache(cache: CacheFolder) -> str:
+    """A `CacheFolder`'s size, images and last use, for a line of `bench cache`."""
+    last_used = datetime.datetime.fromtimestamp(cache.last_used).strftime("%Y-%m-%d %H:%M")
+    return f"{cache.bytes / 1e9:.2f} GB  {cache.images} images  used {last_used}"
 
 
 def main() -> None:

@@ -196,7 +196,7 @@ def test_a_killed_decode_s_folder_is_removed_by_the_next_decode_of_the_same_cach
     cache = tmp_path / "cache"
     cache.mkdir()
     files = [dataset.samples[row][0] for row in range(len(dataset))]
-    name, host = decode_cache.cache_key(files, preprocessing), socket.gethostname()
+    name, host = decode_cache.cache_keys(files, preprocessing)[0], socket.gethostname()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)  # a process that has exited: its pid is free (reused at worst, then kept)
     abandoned = cache / f".{name}.{host}.{dead}.0a1b2c3d.partial"

@@ -10,21 +10,20 @@ on the device by look-up. Cached and uncached inputs are therefore the same bits
 reciprocal, which differs in the last bit for some values).
 
 On disk a cache is a folder named by a hash of the files (path, size, modification time) and of the
-preprocessing, so a changed file or transform gets a new folder and is never served stale. It is
-decoded into a temporary folder and renamed into place once complete, so a partial cache is never
-served; the temporary folder of a run killed mid-decode goes at the next decode of that cache.
+preprocessing, so a changed file or transform gets a new folder and is never served stale (the folder
+it supersedes is removed, `cache_folders`). It is decoded into a temporary folder and renamed into
+place once complete, so a partial cache is never served; the temporary folder of a run killed
+mid-decode goes at the next decode of that cache.
 Evaluation reads it into memory (pinned for a GPU) when it fits a memory budget, and otherwise
 through a memory map.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -42,6 +41,15 @@ from torch import nn
 from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
+from harness.measure.cache_folders import (
+    INDEX,
+    PARTIAL,
+    PIXELS,
+    mark_used,
+    partial_folder_prefix,
+    remove_abandoned,
+    remove_superseded,
+)
 from harness.measure.data import UNREADABLE, Batch, ImageDataset, eval_transform, load_imagenet_folder
 from harness.measure.distributed import env_int, shard_indices
 from harness.measure.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
@@ -50,7 +58,6 @@ from methods.errors import TokenBenchError
 CACHE_VERSION = 1  # bump when the layout of a cache folder changes
 MAX_WORKERS = 16
 CHUNK = 16  # images per decode task: few enough tasks to schedule, enough for a smooth progress bar
-PIXELS, INDEX = "pixels.npy", "index.json"
 
 
 @dataclass(frozen=True)
@@ -217,10 +224,11 @@ def decode(
         pixels = torch.zeros(shape, dtype=torch.uint8, pin_memory=pin)
         unreadable = decode_into(pixels.numpy(), files, preprocessing, workers, progress)
         return DecodedImages(dataset, rows, pixels, unreadable, preprocessing, time.perf_counter() - start)
-    folder = check_cache_dir(cache_dir) / cache_key(files, preprocessing)
+    key, source = cache_keys(files, preprocessing)
+    folder = check_cache_dir(cache_dir) / key
     decode_s = 0.0
     if not is_complete(folder, shape):
-        write_cache(folder, files, preprocessing, workers, progress)
+        write_cache(folder, source, files, preprocessing, workers, progress)
         decode_s = time.perf_counter() - start
     budget = default_memory_budget() if memory_budget is None else memory_budget
     pixels, unreadable = read_cache(folder, budget, pin)
@@ -266,14 +274,18 @@ def decode_into(
     return unreadable
 
 
-def cache_key(files: Sequence[Path], preprocessing: Preprocessing) -> str:
-    """A hash of what decides the pixels: each file's path, size and modification time, and the preprocessing."""
-    entries = []
-    for path in files:
-        stat = path.stat()
-        entries.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
-    payload = json.dumps({"version": CACHE_VERSION, "preprocessing": preprocessing.description, "files": entries})
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+def cache_keys(files: Sequence[Path], preprocessing: Preprocessing) -> tuple[str, str]:
+    """Hashes of what decides the pixels: the key names the cache (each file's path, size and modification
+    time, and the preprocessing); the source leaves out sizes and times, so it names every cache the same
+    files and preprocessing ever had, and a new cache removes the ones it supersedes."""
+    paths = [os.path.abspath(path) for path in files]
+    entries = [(path, stat.st_size, stat.st_mtime_ns) for path, stat in zip(paths, map(os.stat, files))]
+    key = {"version": CACHE_VERSION, "preprocessing": preprocessing.description, "files": entries}
+    return digest(key), digest({**key, "files": paths})
+
+
+def digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]
 
 
 def is_complete(folder: Path, shape: tuple[int, ...]) -> bool:
@@ -285,12 +297,13 @@ def is_complete(folder: Path, shape: tuple[int, ...]) -> bool:
 
 
 def write_cache(
-    folder: Path, files: Sequence[Path], preprocessing: Preprocessing, workers: int, progress: bool
+    folder: Path, source: str, files: Sequence[Path], preprocessing: Preprocessing, workers: int, progress: bool
 ) -> None:
     """Decode into a private temporary folder, then rename it to `folder` in one step. The folders that
-    killed runs left for the same cache go first."""
+    killed runs left for the same cache go first; once it is in place, the caches of the same `source`
+    (`cache_keys`) that it supersedes go."""
     remove_abandoned(folder)
-    partial = folder.parent / f"{temporary_prefix(folder)}{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    partial = folder.parent / f"{partial_folder_prefix(folder)}{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL}"
     partial.mkdir()
     try:
         shape = (len(files), 3, *preprocessing.size)
@@ -298,49 +311,25 @@ def write_cache(
         unreadable = decode_into(pixels, files, preprocessing, workers, progress)
         pixels.flush()
         del pixels
-        index = {"images": len(files), "unreadable": np.flatnonzero(unreadable).tolist()}
-        (partial / INDEX).write_text(json.dumps({**index, "preprocessing": preprocessing.description}))
-        if is_complete(folder, shape):  # another process finished the same cache meanwhile
-            return
-        shutil.rmtree(folder, ignore_errors=True)  # a cache is_complete refused (torn by hand): replace it
-        try:
-            partial.rename(folder)
-        except OSError:
-            if not is_complete(folder, shape):  # else another process renamed the same cache first
-                raise
+        index = {"images": len(files), "unreadable": np.flatnonzero(unreadable).tolist(), "source": source}
+        root = os.path.commonpath([os.path.abspath(path) for path in files]) if files else ""
+        (partial / INDEX).write_text(json.dumps({**index, "root": root, "preprocessing": preprocessing.description}))
+        if not is_complete(folder, shape):  # else another process finished the same cache meanwhile
+            shutil.rmtree(folder, ignore_errors=True)  # a cache is_complete refused (torn by hand): replace it
+            try:
+                partial.rename(folder)
+            except OSError:
+                if not is_complete(folder, shape):  # else another process renamed the same cache first
+                    raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def temporary_prefix(folder: Path) -> str:
-    """How the names of `folder`'s temporary folders on this host begin; the writing process's pid follows."""
-    return f".{folder.name}.{socket.gethostname()}."
-
-
-def remove_abandoned(folder: Path) -> None:
-    """Delete the temporary folders of `folder`'s cache whose process, on this host, is gone: a run killed
-    mid-decode (SIGKILL, power loss) never reached its own clean-up, and each is as large as the cache.
-    A folder of another host, or of a live process, may still be written, and stays."""
-    prefix = temporary_prefix(folder)
-    for partial in folder.parent.glob(glob.escape(prefix) + "*.partial"):
-        pid = partial.name[len(prefix) :].split(".")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+    remove_superseded(folder, source)
 
 
 def read_cache(folder: Path, memory_budget: int, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
     """The pixels (in memory if they fit `memory_budget` bytes, else memory-mapped) and the unreadable mask."""
     index = json.loads((folder / INDEX).read_text())
+    mark_used(folder)
     unreadable = np.zeros(index["images"], dtype=bool)
     unreadable[index["unreadable"]] = True
     mapped = np.load(folder / PIXELS, mmap_mode="c")  # copy-on-write: writable for torch, the file untouched
