@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from dataclasses import asdict
 
 import pytest
@@ -11,9 +12,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
+from harness.measure import throughput
 from harness.measure.accuracy import evaluate
 from harness.measure.data import eval_transform, load_imagenet_folder
-from harness.measure.distributed import init_from_env, is_main_process, shard_indices, shutdown
+from harness.measure.distributed import init_from_env, is_main_process, on_main_process, shard_indices, shutdown
 from harness.run.records import RunStore, read_records
 from harness.run.sweep import SweepConfig, run_sweep
 from methods import TokenBenchError
@@ -153,6 +155,60 @@ def test_a_resumed_sweep_measures_the_same_pending_jobs_on_every_rank(tmp_path):
     assert len(resumed) == 3
     assert resumed.loc[("evit", 0.7), ["top1", "top5", "images", "skipped"]].tolist() == [
         alone[-1][key] for key in ("top1", "top5", "images", "skipped")
+    ]
+
+
+def sweep_timing_on_each_rank(rank, root, labels, out):
+    """A sweep whose timing windows note the rank that runs them; its rows and warnings recorded."""
+    timed = []
+    original = throughput.time_windows
+
+    def noting(*args, **kwargs):
+        timed.append(rank)
+        return original(*args, **kwargs)
+
+    throughput.time_windows = noting
+    store = RunStore.prepare(out / "run") if is_main_process() else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = list(run_sweep(sweep_on(root, labels, (0.5,)), store, progress=False))
+    speeds = [[row[key] for key in ("img_per_s", "speedup", "floor_speedup", "top1")] for row in rows]
+    record = {"timed": timed, "speeds": speeds, "warnings": [str(warning.message) for warning in caught]}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_rank_0_alone_times_and_every_rank_holds_its_figures(tmp_path):
+    """Processes timing at once would each time a machine the others load; the rest wait for rank 0."""
+    root = noise_tree(tmp_path / "val")
+    labels = tmp_path / "labels.csv"
+    files = sorted(root.glob("*/*.JPEG"))
+    labels.write_text("".join(f"{path.relative_to(root)},{int(path.parent.name[1:])}\n" for path in files))
+    run_ranks(sweep_timing_on_each_rank, root, labels, tmp_path)
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert [len(record["timed"]) for record in records] == [2, 0]  # vanilla's row, then evit's
+    assert records[0]["speeds"] == records[1]["speeds"] and len(records[0]["speeds"]) == 2
+    assert any("rank 0 times on 1 CPU thread" in message for message in records[0]["warnings"])
+
+
+def fail_on_rank_0(rank, out):
+    def compute():
+        if rank == 0:
+            raise ValueError("out of luck")
+        return "never reached"
+
+    try:
+        on_main_process(compute)
+    except Exception as error:
+        (out / f"rank{rank}.txt").write_text(f"{type(error).__name__}: {error}")
+
+
+def test_an_error_of_rank_0_s_work_stops_every_rank(tmp_path):
+    run_ranks(fail_on_rank_0, tmp_path)
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(WORLD)]
+    assert errors == [
+        "ValueError: out of luck",
+        "TokenBenchError: rank 0 failed, so every rank stops: ValueError: out of luck",
     ]
 
 

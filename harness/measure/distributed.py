@@ -1,4 +1,5 @@
-"""torch.distributed from torchrun's environment, and the two operations a sharded evaluation needs.
+"""torch.distributed from torchrun's environment, and what a sharded run needs: shards, sums, and
+rank 0's work (the list of jobs, the timing) shared with every process.
 
 A run on CUDA has two backends, gloo for CPU tensors and nccl for CUDA ones, so a collective works
 whichever device the caller evaluates on; each process uses GPU LOCAL_RANK. A CPU run uses gloo
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -85,12 +87,34 @@ def shard_indices(length: int) -> range:
 
 
 def from_main_process(value: T) -> T:
-    """Rank 0's `value` on every process (picklable values; `value` itself when not distributed)."""
+    """Rank 0's `value` on every process (picklable values; `value` itself when not distributed). It goes
+    through gloo (a CPU run's only backend, and the one a CUDA run's group prefers for objects), so the
+    other processes wait for it in a socket read, taking no CPU from rank 0."""
     if not is_distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main_process(compute: Callable[[], T]) -> T:
+    """`compute()` run by rank 0 alone while the other processes wait, its result on every process.
+    For timing: processes timing at once would share the machine's cores (and its GPUs' host) and each
+    time a contended machine. An error on rank 0 is raised on every process, rather than leaving the
+    others waiting for a result that never comes."""
+    if not is_distributed():
+        return compute()
+    outcome: tuple[T | None, str | None] = (None, None)
+    if is_main_process():
+        try:
+            outcome = (compute(), None)
+        except Exception as error:
+            from_main_process((None, f"{type(error).__name__}: {error}"))
+            raise
+    result, failure = from_main_process(outcome)
+    if failure is not None:
+        raise TokenBenchError(f"rank 0 failed, so every rank stops: {failure}")
+    return result
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:

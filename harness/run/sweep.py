@@ -18,7 +18,8 @@ from tqdm import tqdm
 import methods
 from harness.measure.accuracy import NO_DATA_COLUMNS, accuracy_columns
 from harness.measure.decode_cache import check_data_options, decode_for_model, preprocessing_for
-from harness.measure.distributed import from_main_process
+from harness.measure.distributed import from_main_process, is_distributed, on_main_process
+from harness.measure.labels import check_has_classifier
 from harness.measure.macs import count_macs
 from harness.measure.models import create_model
 from harness.measure.provenance import provenance
@@ -293,8 +294,12 @@ class Sweeper:
         return self.datasets[key]
 
     def throughput(self, job: Job, model: nn.Module, counts: methods.BlockTokenCounts) -> dict[str, Any]:
-        """The model's throughput, its floor twin's and the reference's, timed interleaved (A B C A B C)
-        in this process; the reference row is timed alone and is its own floor."""
+        """The model's throughput, its floor twin's and the reference's, timed interleaved (A B C A B C);
+        the reference row is timed alone and is its own floor. Under torchrun rank 0 alone times, while
+        the other processes wait, so that the machine is timed as one process would have it."""
+        return on_main_process(lambda: self.time(job, model, counts))
+
+    def time(self, job: Job, model: nn.Module, counts: methods.BlockTokenCounts) -> dict[str, Any]:
         config = self.sweep.throughput_config(job.batch_size)
         reference = self.reference(job.model, job.resolution)
         if model is reference:
@@ -390,6 +395,12 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
     todo = from_main_process(pending_jobs(sweep, store) if store is not None else sweep.jobs())
     if sweep.data is not None and not sweep.checkpoints:
         warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
+    if is_distributed() and sweep.device == "cpu" and sweep.threads is None and torch.get_num_threads() == 1:
+        warnings.warn(
+            "rank 0 times on 1 CPU thread (torchrun sets OMP_NUM_THREADS=1 where it is unset); give --threads N "
+            "to time on N: the other processes wait while rank 0 times",
+            stacklevel=2,
+        )
     sweeper = Sweeper(sweep, progress=progress)
     bar = tqdm(todo, unit="config", disable=not progress, dynamic_ncols=True)
     for job in bar:
@@ -404,7 +415,8 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
 def preflight(sweep: SweepConfig) -> None:
     """Build every model at every resolution and every method with its checkpoint once, on CPU, so
     that a bad model name, resolution, option or checkpoint fails before anything is measured or
-    written. Models are built on the meta device where no weights are loaded: only shapes matter."""
+    written (and, with data, a model without a classifier). Models are built on the meta device where no
+    weights are loaded: only shapes matter."""
     for model in sweep.models:
         for resolution in sweep.resolutions[1:]:
             with torch.device("meta"):
@@ -412,4 +424,7 @@ def preflight(sweep: SweepConfig) -> None:
         resolution = sweep.resolutions[0]
         for name in dict.fromkeys((REFERENCE, *sweep.methods)):
             options = dict(sweep.method_args.get(name, {}))
-            build_model(sweep, Job(model, name, sweep.keep_rates_for(name)[0], resolution, SEARCHED, options), "cpu")
+            job = Job(model, name, sweep.keep_rates_for(name)[0], resolution, SEARCHED, options)
+            built = build_model(sweep, job, "cpu")
+            if sweep.data is not None:
+                check_has_classifier(built)
