@@ -65,6 +65,16 @@ def test_evaluation_runs_under_the_runs_threads(tmp_path, monkeypatch):
     assert torch.get_num_threads() == threads  # and restored after
 
 
+def test_a_model_without_a_classifier_is_refused_before_anything_runs(tmp_path):
+    """dinov2's default tag is a headless backbone (num_classes 0): its features would be scored as classes."""
+    root = synset_tree(tmp_path / "val")
+    args = ["run", "--model", "vit_small_patch14_dinov2", "--resolutions", "56", "--methods", "evit", "--data"]
+    result = CliRunner().invoke(cli, [*args, str(root), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "VisionTransformer has no classifier (num_classes 0: a headless backbone)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out" / "records.csv").exists()
+
+
 def bad_real(tmp_path, root):
     (tmp_path / "real.json").write_text(json.dumps([[0]] * 3))
     return ["--data", str(root), "--real-labels", str(tmp_path / "real.json")]

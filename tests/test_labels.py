@@ -72,6 +72,16 @@ def test_folders_that_do_not_fit_the_model_are_clear_errors(tmp_path, names, num
         check_model_classes(SimpleNamespace(num_classes=num_classes), dataset)
 
 
+def test_a_headless_model_is_refused_whatever_the_labels(tmp_path):
+    """A CSV's labels would fit any width: num_classes 0 must be refused before the folders are looked at."""
+    dataset = load_imagenet_folder(folders(tmp_path, ["0", "1"], per_folder=1), None)
+    for data in (dataset, None):
+        with pytest.raises(TokenBenchError, match=r"has no classifier \(num_classes 0"):
+            check_model_classes(SimpleNamespace(num_classes=0), data)
+    check_model_classes(SimpleNamespace(num_classes=2), dataset)
+    check_model_classes(SimpleNamespace(), dataset)  # not a timm model: nothing to go by
+
+
 def test_real_labels_follow_sorted_file_names_across_folders(tmp_path):
     """ReaL lists images by file name; the class folders list them folder by folder."""
     samples = [(Path("b/val_3.JPEG"), 0), (Path("b/val_1.JPEG"), 0), (Path("a/val_2.JPEG"), 1)]

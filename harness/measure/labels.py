@@ -67,8 +67,20 @@ def check_labels_fit(source: str, classes: Sequence[str], num_classes: int) -> N
         )
 
 
+def check_has_classifier(model: nn.Module) -> None:
+    """Top-1 needs class logits: a timm model with num_classes 0 (a headless backbone, as some default
+    tags are) gives features, whose top-k would be scored as classes."""
+    if getattr(model, "num_classes", None) == 0:
+        raise TokenBenchError(
+            f"{type(model).__name__} has no classifier (num_classes 0: a headless backbone), so top-1 means nothing; "
+            f"give a model with a classification head"
+        )
+
+
 def check_model_classes(model: nn.Module, dataset: object) -> None:
-    """`check_labels_fit` for a dataset of class folders (CSV labels are checked as they are scored)."""
+    """`check_has_classifier`, then `check_labels_fit` for a dataset of class folders (CSV labels are
+    checked as they are scored)."""
+    check_has_classifier(model)
     classes = getattr(dataset, "classes", None)
     num_classes = getattr(model, "num_classes", None)
     if classes and num_classes:
