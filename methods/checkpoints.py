@@ -30,6 +30,9 @@ EVO_VIT_TRAINING_ONLY = ("head_cls.", "norm_cls.")  # the auxiliary class-token 
 EVO_VIT_QK = re.compile(r"^qks\.(\d+)\.qk\.(.+)$")
 EVO_VIT_V = re.compile(r"^vs\.(\d+)\.v\.(.+)$")
 SHOWN = 3  # keys named in an error message, per list
+# How each format's official code resamples a position embedding for another grid: DeiT's fine-tuning and
+# EViT's model bicubically; DynamicViT's and Evo-ViT's checkpoint filters bilinearly.
+POS_EMBED_INTERPOLATION = {"timm": "bicubic", "dynamicvit": "bilinear", "evo-vit": "bilinear"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping) -> Loade
     from the dict itself when it is a bare state dict; a leading `module.` (DDP) is stripped. Evo-ViT's
     split attention is fused back into timm's `qkv`, its post-pooling `norm` goes to the model's final
     norm (`norm`, or `fc_norm` on a model that pools first), and the position embedding is resampled
-    when the checkpoint was trained on another grid. Loading DynamicViT predictors marks them trained.
+    when the checkpoint was trained on another grid, as the format's official code resamples it
+    (POS_EMBED_INTERPOLATION). Loading DynamicViT predictors marks them trained.
     """
     vit = require_vit(model)
     state = unwrap(read_checkpoint(source) if isinstance(source, (str, PathLike)) else source)
@@ -66,7 +70,7 @@ def load_checkpoint(model: nn.Module, source: str | PathLike | Mapping) -> Loade
         check_mean_pool_head(vit)
         state, dropped = from_evo_vit(state, final_norm="norm" if "norm.weight" in expected else "fc_norm")
     check_keys(vit, expected, state, fmt)
-    pos_embed_from = resample_pos_embed(vit, state)
+    pos_embed_from = resample_pos_embed(vit, state, POS_EMBED_INTERPOLATION[fmt])
     check_shapes(expected, state)
     vit.load_state_dict(state)
     if fmt == "dynamicvit":

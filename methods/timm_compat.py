@@ -134,9 +134,15 @@ def take_tapped_qk(block: Block) -> tuple[torch.Tensor, torch.Tensor, float]:
     return q_cls, k, block.attn.scale
 
 
-def resample_pos_embed(model: VisionTransformer, state: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+def resample_pos_embed(
+    model: VisionTransformer, state: dict[str, torch.Tensor], interpolation: str
+) -> tuple[int, ...] | None:
     """Resample the checkpoint's position embedding to the model's patch grid, in `state`; return the
-    old shape, or None when nothing was resampled (same shape, or no square grid to read it as)."""
+    old shape, or None when nothing was resampled (same shape, or no square grid to read it as).
+
+    `interpolation` ("bicubic" or "bilinear") is F.interpolate's, with align_corners False and without
+    the antialiasing timm's own loader adds (which, even when enlarging, uses another cubic kernel):
+    as the official codes resample, DeiT's and EViT's bicubically, DynamicViT's and Evo-ViT's bilinearly."""
     old, new = state.get("pos_embed"), model.pos_embed
     if old is None or new is None or old.shape == new.shape or old.ndim != 3 or old.shape[-1] != new.shape[-1]:
         return None
@@ -145,6 +151,11 @@ def resample_pos_embed(model: VisionTransformer, state: dict[str, torch.Tensor])
     if side * side != old.shape[1] - prefix:
         return None
     state["pos_embed"] = resample_abs_pos_embed(
-        old, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix
+        old,
+        new_size=list(model.patch_embed.grid_size),
+        old_size=[side, side],
+        num_prefix_tokens=prefix,
+        interpolation=interpolation,
+        antialias=False,
     )
     return tuple(old.shape)

@@ -160,11 +160,12 @@ def test_evo_vit_checkpoint_into_a_class_token_head_is_refused(make):
         load_checkpoint(make(), checkpoint)
 
 
-def interpolate_grid(pos_embed, prefix, old, new):
-    """The patch part of a position embedding as a grid, resized bicubically (antialiased, as timm does)."""
+def interpolate_grid(pos_embed, prefix, old, new, mode="bicubic"):
+    """The patch part of a position embedding as a grid, resized as the official codes resize it: `mode`,
+    align_corners False, no antialiasing."""
     C = pos_embed.shape[-1]
     grid = pos_embed[:, prefix:].reshape(1, old, old, C).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False, antialias=True)
+    grid = F.interpolate(grid, size=(new, new), mode=mode, align_corners=False)
     return torch.cat([pos_embed[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, new * new, C)], dim=1)
 
 
@@ -176,6 +177,28 @@ def test_pos_embed_is_resampled_from_224_to_288():
     torch.testing.assert_close(model.pos_embed.data, interpolate_grid(source.pos_embed.data, 1, 14, 18))
     assert logits(model.eval(), torch.randn(1, 3, 288, 288)).shape == (1, 1000)
     torch.testing.assert_close(model.blocks[5].mlp.fc2.weight, source.blocks[5].mlp.fc2.weight, rtol=0, atol=0)
+
+
+def test_pos_embed_is_resampled_as_each_format_s_official_code_does():
+    """Bicubic for DeiT/EViT (timm) checkpoints, bilinear for DynamicViT's and Evo-ViT's; never antialiased,
+    which timm's loader is and which moves DeiT-T's logits by 0.3 at 288."""
+    dynamicvit_source = redrawn(methods.apply(tiny_vit(), "dynamicvit", locations=(2,)), 1)
+    dynamicvit = methods.apply(tiny_vit(img_size=96), "dynamicvit", locations=(2,))
+    evo_vit = methods.apply(tiny_vit(img_size=96), "evo-vit", locations=(2,), variant="official")
+    evo_vit_source = redrawn(evo_vit_mean_head(), 1)
+    for model, checkpoint, source in [
+        (dynamicvit, dynamicvit_source.state_dict(), dynamicvit_source),
+        (evo_vit, to_official_evo_vit(evo_vit_source.state_dict(), 4, 64), evo_vit_source),
+    ]:
+        assert load_checkpoint(model, checkpoint).pos_embed_from == (1, 17, 64)
+        expected = interpolate_grid(source.pos_embed.data, 1, 4, 6, mode="bilinear")
+        torch.testing.assert_close(model.pos_embed.data, expected, rtol=0, atol=1e-6)
+    deit_source, deit = redrawn(tiny_vit(), 1), tiny_vit(img_size=96)
+    load_checkpoint(deit, deit_source.state_dict())
+    torch.testing.assert_close(deit.pos_embed.data, interpolate_grid(deit_source.pos_embed.data, 1, 4, 6))
+    grid = deit_source.pos_embed.data[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    antialiased = F.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True).permute(0, 2, 3, 1)
+    assert (deit.pos_embed.data[:, 1:] - antialiased.reshape(1, 36, 64)).abs().max() > 1e-3  # timm's loader's
 
 
 @pytest.mark.parametrize(
