@@ -115,6 +115,16 @@ class PruningBlock(Block):
     def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
         return super().forward(self.prune(x), **block_kwargs)
 
+    def train(self, mode: bool = True) -> PruningBlock:
+        if mode and self.stage == 0:
+            warnings.warn(
+                "dynamicvit in training mode still keeps the top-k tokens, as at inference: DynamicViT's training "
+                "(Gumbel-softmax keep masks over all tokens, through which the loss trains the predictors) is not "
+                "implemented, so the predictors get gradients only from a loss on their own scores",
+                stacklevel=2,
+            )
+        return super().train(mode)
+
     def prune(self, x: torch.Tensor) -> torch.Tensor:
         if self.stage == 0:
             self.patch_count.n0 = x.shape[1] - self.prefix

@@ -324,3 +324,18 @@ def test_macs_equal_the_analytic_formula():
         total += 5 * n * C + 4 * n * C * C + 2 * n * n * C + 5 * n * C + 2 * n * C * hidden
     total += 5 * n * C + C * 1000
     assert count_macs(model, 224) == total
+
+
+def test_training_mode_says_that_it_runs_the_inference_selection():
+    """Official training keeps every token under Gumbel-softmax masks; here the hard top-k runs in both
+    modes, the logits are the same, and the loss gives the predictors no gradient."""
+    model = methods.apply(tiny_vit(), "dynamicvit", keep_rate=0.5, locations=(1, 2)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+    with pytest.warns(UserWarning, match="dynamicvit in training mode still keeps the top-k tokens"):
+        model.train()
+    model(images).sum().backward()
+    assert all(param.grad is None for param in model.score_predictor.parameters())
+    model.eval()
+    torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
