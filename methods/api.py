@@ -39,12 +39,15 @@ def apply(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
 @dataclass(frozen=True)
 class BlockTokenCounts:
-    """Tokens (prefix tokens included) that each block's attention and FFN process, and how many
-    tokens enter the first block (a method may reduce before the first attention)."""
+    """Tokens (prefix tokens included) that each block's attention and FFN process, how many tokens
+    enter the first block (a method may reduce before the first attention), and how many leave the
+    last one for the final norm and head (a method may hand tokens back after its last FFN, as
+    Evo-ViT's close of a stage does)."""
 
     attention: tuple[int, ...]
     ffn: tuple[int, ...]
     entering: int
+    exiting: int
 
 
 def token_counts(model: nn.Module, img_size: int | Sequence[int]) -> list[int]:
@@ -68,8 +71,9 @@ def block_token_counts(model: nn.Module, img_size: int | Sequence[int]) -> Block
 
         return record
 
-    entering = [0]
+    entering, exiting = [0], [0]
     hooks = [vit.blocks.register_forward_pre_hook(recorder(entering, 0))]
+    hooks += [vit.blocks.register_forward_hook(lambda _module, _inputs, out: exiting.__setitem__(0, out.shape[1]))]
     hooks += [block.mlp.register_forward_pre_hook(recorder(ffn, i)) for i, block in enumerate(vit.blocks)]
     hooks += [block.attn.register_forward_pre_hook(recorder(attention, i)) for i, block in enumerate(vit.blocks)]
     param = next(vit.parameters())
@@ -83,4 +87,4 @@ def block_token_counts(model: nn.Module, img_size: int | Sequence[int]) -> Block
         vit.train(was_training)
         for hook in hooks:
             hook.remove()
-    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn), entering=entering[0])
+    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn), entering=entering[0], exiting=exiting[0])

@@ -67,21 +67,23 @@ class SlicingBlock(Block):
 
 
 def carried_counts(counts: BlockTokenCounts) -> list[int]:
-    """For each block, how many tokens any later block needs: the most that a later attention or FFN
-    takes. The last block hands on what its FFN made."""
-    later = [max(counts.attention[b + 1 :] + counts.ffn[b + 1 :], default=0) for b in range(len(counts.ffn))]
-    return [max(needed, counts.ffn[b]) if b == len(counts.ffn) - 1 else needed for b, needed in enumerate(later)]
+    """For each block, how many tokens anything after it needs: the most that a later attention or FFN
+    takes, or that leave the last block (`exiting`) for the final norm."""
+    return [max(counts.attention[b + 1 :] + counts.ffn[b + 1 :] + (counts.exiting,)) for b in range(len(counts.ffn))]
 
 
 def check_counts(model: VisionTransformer, counts: BlockTokenCounts) -> None:
     full = counts.entering
     if len(counts.attention) != depth(model) or len(counts.ffn) != depth(model):
         raise TokenBenchError(f"the floor needs one attention and one FFN count per block ({depth(model)} blocks)")
-    if any(not 0 < n <= full for n in (*counts.attention, *counts.ffn)) or any(
-        f > a for a, f in zip(counts.attention, counts.ffn)
+    if (
+        any(not 0 < n <= full for n in (*counts.attention, *counts.ffn, counts.exiting))
+        or any(f > a for a, f in zip(counts.attention, counts.ffn))
+        or counts.exiting < counts.ffn[-1]
     ):
         raise TokenBenchError(
-            f"token counts must lie in 1..{full} with each FFN count at most its attention count, got {counts}"
+            f"token counts must lie in 1..{full}, each FFN count at most its attention count and the exiting "
+            f"count at least the last FFN's, got {counts}"
         )
 
 
@@ -105,9 +107,14 @@ def apply_floor(model: nn.Module, counts: BlockTokenCounts) -> nn.Module:
     return model
 
 
-def floor_counts(attention: Sequence[int], ffn: Sequence[int], entering: int | None = None) -> BlockTokenCounts:
+def floor_counts(
+    attention: Sequence[int], ffn: Sequence[int], entering: int | None = None, exiting: int | None = None
+) -> BlockTokenCounts:
     """Counts given by hand (tests, benchmarks), as `block_token_counts` would measure them; `entering`
-    defaults to the first attention count (no reduction before the first block)."""
+    defaults to the first attention count (no reduction before the first block), `exiting` to the last
+    FFN count (nothing handed back after it)."""
     if entering is None:
         entering = attention[0] if attention else 0
-    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn), entering=entering)
+    if exiting is None:
+        exiting = ffn[-1] if ffn else 0
+    return BlockTokenCounts(attention=tuple(attention), ffn=tuple(ffn), entering=entering, exiting=exiting)

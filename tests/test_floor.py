@@ -36,9 +36,10 @@ def test_at_keep_rate_one_the_twin_is_vanilla(name, images):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def by_hand(model, images, attention, ffn, carried):
+def by_hand(model, images, attention, ffn, carried, features=False):
     """Each block written out with timm's modules: attention on the first a tokens, FFN on the first
-    f, the tokens up to `carried` passed on unchanged (DeiT: no LayerScale, no drop path in eval)."""
+    f, the tokens up to `carried` passed on unchanged (DeiT: no LayerScale, no drop path in eval).
+    -> the logits, or with `features` the final norm's output for every token leaving the blocks."""
     x = model._pos_embed(model.patch_embed(images))
     for block, a, f, c in zip(model.blocks, attention, ffn, carried):
         y = x[:, :a]
@@ -46,7 +47,7 @@ def by_hand(model, images, attention, ffn, carried):
         y = y[:, :f]
         y = y + block.mlp(block.norm2(y))
         x = torch.cat([y, x[:, f:c]], dim=1) if c > f else y
-    return model.head(model.norm(x)[:, 0])
+    return model.norm(x) if features else model.head(model.norm(x)[:, 0])
 
 
 def test_slices_drop_tokens_as_evits_counts_say(images):
@@ -73,6 +74,33 @@ def test_tokens_needed_again_later_are_carried_past_the_blocks_that_skip_them():
     assert methods.block_token_counts(model, 64) == counts
 
 
+def test_tokens_handed_back_after_the_last_ffn_leave_the_twin_too():
+    """17 tokens leave the last block although its FFN ran on 5 (as Evo-ViT's close of a stage hands its
+    held tokens back): the twin carries the other 12 past the blocks, so the final norm sees 17."""
+    model = tiny_vit()
+    counts = floor_counts(attention=(17, 9, 9, 9), ffn=(17, 9, 9, 5), exiting=17)
+    assert carried_counts(counts) == [17, 17, 17, 17]
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = by_hand(model, images, counts.attention, counts.ffn, [17, 17, 17, 17], features=True)
+        got = methods.apply_floor(model, counts).forward_features(images)
+    assert got.shape == (2, 17, 64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert methods.block_token_counts(model, 64) == counts
+
+
+def test_evo_vit_hands_every_token_to_the_final_norm_and_its_twin_does_too(images):
+    evo_vit = methods.block_token_counts(methods.apply(fresh_deit_tiny(), "evo-vit"), 224)
+    evit = methods.block_token_counts(methods.apply(fresh_deit_tiny(), "evit"), 224)
+    assert evo_vit.exiting == 197 > evo_vit.ffn[-1] and evit.exiting == evit.ffn[-1] < 197
+    twin = methods.apply_floor(fresh_deit_tiny(), evo_vit)
+    seen = []
+    twin.norm.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        twin(images)
+    assert seen == [197]
+
+
 def test_weights_and_keys_stay():
     model = fresh_deit_tiny()
     before = {key: value.clone() for key, value in model.state_dict().items()}
@@ -87,6 +115,8 @@ def test_weights_and_keys_stay():
         (floor_counts((17,) * 3, (17,) * 3), "one attention and one FFN count per block"),
         (floor_counts((17, 17, 9, 9), (17, 17, 10, 9)), "each FFN count at most its attention count"),
         (floor_counts((17, 17, 0, 0), (17, 17, 0, 0)), "must lie in 1..17"),
+        (floor_counts((17, 17, 9, 9), (17, 17, 9, 9), exiting=8), "the exiting count at least the last FFN's"),
+        (floor_counts((17, 17, 9, 9), (17, 17, 9, 9), exiting=18), "must lie in 1..17"),
     ],
 )
 def test_impossible_counts_are_a_clear_error(counts, message):
