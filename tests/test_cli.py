@@ -111,6 +111,15 @@ def test_rerun_resumes_without_redoing_rows(small_run, monkeypatch):
     assert len(pd.read_csv(small_run / "records.csv")) == 7
 
 
+def test_each_row_is_dated_when_it_was_measured(tmp_path, monkeypatch):
+    """Not when the run began: a sweep can take hours, and a resumed one days."""
+    times = iter(f"2026-12-03T10:00:0{second}+00:00" for second in range(9))
+    monkeypatch.setattr(sweep_module, "utc_now", lambda: next(times))
+    assert run(tmp_path / "out", "--methods", "evit", "--keep-rates", "0.5,0.7").exit_code == 0
+    dates = pd.read_csv(tmp_path / "out" / "records.csv")["date_utc"].tolist()
+    assert dates == [f"2026-12-03T10:00:0{second}+00:00" for second in range(3)]  # vanilla, evit 0.5, evit 0.7
+
+
 def test_interrupted_sweep_keeps_finished_rows_and_resumes(tmp_path, monkeypatch):
     original = sweep_module.Sweeper.measure
     calls = []

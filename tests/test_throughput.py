@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from harness.measure.provenance import cpu_name, git_state, provenance
+from harness.measure.provenance import cpu_name, git_state, provenance, utc_now
 from harness.measure.throughput import (
     ThroughputConfig,
     is_out_of_memory,
@@ -234,5 +234,5 @@ def test_provenance_names_the_commit_versions_and_device(tmp_path):
     assert record["git_commit"] == (git.stdout.strip() if git.returncode == 0 else "unknown")
     assert record["torch"] == torch.__version__ and record["timm"] == timm.__version__
     assert record["device"] == "cpu" and record["device_name"] == cpu_name()
-    assert datetime.fromisoformat(record["date_utc"]).utcoffset() == timedelta(0)
+    assert datetime.fromisoformat(utc_now()).utcoffset() == timedelta(0)
     assert git_state(tmp_path) == ("unknown", None)  # not a checkout

@@ -56,7 +56,8 @@ def device_name(device: str) -> str:
 
 
 def provenance(device: str) -> dict[str, Any]:
-    """Everything a record needs to say how and where it was made, besides its own configuration.
+    """Everything a record needs to say how and where it was made, besides its own configuration and
+    when (`utc_now`): the code's commit and state as the process loaded it, versions and machine.
     CUDA is asked about only for a CUDA device: a CPU run never initialises it."""
     commit, dirty = git_state()
     cuda = device.startswith("cuda")
@@ -71,5 +72,9 @@ def provenance(device: str) -> dict[str, Any]:
         "device": device,
         "device_name": device_name(device),
         "hostname": socket.gethostname(),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def utc_now() -> str:
+    """When a record was measured: the time now, UTC, to the second (ISO 8601)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

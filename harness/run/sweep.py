@@ -22,7 +22,7 @@ from harness.measure.distributed import from_main_process, is_distributed, on_ma
 from harness.measure.labels import check_has_classifier
 from harness.measure.macs import count_macs
 from harness.measure.models import create_model
-from harness.measure.provenance import provenance
+from harness.measure.provenance import provenance, utc_now
 from harness.measure.throughput import ThroughputConfig, measure_interleaved, measure_throughput, run_settings
 from harness.run.records import REFERENCE, RunStore
 from methods.config import check_keep_rate
@@ -346,7 +346,7 @@ class Sweeper:
             "protocol": json.dumps(speed.protocol, sort_keys=True, default=str),
         }
         row.update(self.accuracy(model, job))
-        row.update(self.provenance)
+        row.update(self.provenance, date_utc=utc_now())  # when this row was measured, not when the run began
         return row
 
     def count(self, job: Job, model: nn.Module) -> tuple[float, methods.BlockTokenCounts]:
