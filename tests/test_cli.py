@@ -120,6 +120,16 @@ def test_each_row_is_dated_when_it_was_measured(tmp_path, monkeypatch):
     assert dates == [f"2026-12-03T10:00:0{second}+00:00" for second in range(3)]  # vanilla, evit 0.5, evit 0.7
 
 
+def test_a_rerun_with_another_timing_protocol_is_refused_not_taken_for_done(small_run):
+    """Its rows would be skipped as measured, though measured otherwise."""
+    before = (small_run / "records.csv").read_text()
+    for args, change in [(["--threads", "1"], "threads=None"), (["--windows", "5"], "windows=2")]:
+        result = CliRunner().invoke(cli, ["run", *FAST, "--out", str(small_run), "--methods", "evit", *args])
+        assert result.exit_code == 2 and f"holds rows measured with {change}; this run asks" in result.output
+    assert (small_run / "records.csv").read_text() == before
+    assert json.loads((small_run / "run.json").read_text())["windows"] == 2
+
+
 def test_interrupted_sweep_keeps_finished_rows_and_resumes(tmp_path, monkeypatch):
     original = sweep_module.Sweeper.measure
     calls = []

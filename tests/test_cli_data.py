@@ -45,6 +45,22 @@ def test_data_options_reach_the_rows(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_a_run_folder_holds_one_data_setting_however_its_paths_are_written(tmp_path, monkeypatch):
+    """Another --limit into the same folder would put two vanillas in one report group (each row then
+    compared with the first); the same folder written another way is the same data and resumes."""
+    root = synset_tree(tmp_path / "val")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert run(tmp_path / "out", "--data", str(root), "--limit", "4", *cache).exit_code == 0
+    refused = run(tmp_path / "out", "--data", str(root), "--limit", "6", *cache)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "holds rows measured with limit=4; this run asks for limit=6: give another --out" in refused.output
+    monkeypatch.chdir(tmp_path)
+    again = run(tmp_path / "out", "--data", "./val/", "--limit", "4", *cache)
+    assert again.exit_code == 0 and "0 new rows" in again.output
+    assert len(pd.read_csv(tmp_path / "out" / "records.csv")) == 2
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
 def test_evaluation_runs_under_the_runs_threads(tmp_path, monkeypatch):
     """--threads holds for the top-1 as for the timing: the model is evaluated as it was timed."""
     seen = []

@@ -1,12 +1,14 @@
 """The records of a run: one row per configuration, written atomically as soon as it is measured.
 
-A run is a folder holding `records.csv`. Every append rewrites the file through a temporary file
-and an atomic rename, so an interrupted sweep leaves the rows it finished and never a torn file;
-`done_keys` lets the next run of the same command skip them.
+A run is a folder holding `records.csv`, and `run.json`: the settings all its rows share. Every
+append rewrites the file through a temporary file and an atomic rename, so an interrupted sweep
+leaves the rows it finished and never a torn file; `done_keys` lets the next run of the same
+command skip them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +20,7 @@ import pandas as pd
 from methods.errors import TokenBenchError
 
 RECORDS_FILE = "records.csv"
+SETTINGS_FILE = "run.json"  # what every row of the folder shares (`RunStore.check_settings`)
 REFERENCE = "vanilla"  # the method every row is compared with, measured once per (model, resolution, batch size)
 
 
@@ -73,6 +76,23 @@ class RunStore:
         except OSError as error:
             raise TokenBenchError(f"cannot write to output folder {folder}: {error.strerror}") from None
         return RunStore(folder)
+
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Record the settings every row of this folder shares (run.json) on its first run; refuse a later
+        run that asks for other ones. A folder from before run.json takes the settings it is given."""
+        path = self.run_dir / SETTINGS_FILE
+        if not path.is_file():
+            write_text_atomically(json.dumps(settings, indent=2, sort_keys=True), path)
+            return
+        stored = json.loads(path.read_text())
+        changed = [name for name in settings if stored.get(name) != settings[name]]
+        if changed:
+            held = ", ".join(f"{name}={stored.get(name)!r}" for name in changed)
+            asked = ", ".join(f"{name}={settings[name]!r}" for name in changed)
+            raise TokenBenchError(
+                f"{self.run_dir} holds rows measured with {held}; this run asks for {asked}: give another --out "
+                f"(a run folder holds one setting of these, so each row is compared with its own vanilla)"
+            )
 
     def done_keys(self) -> set[str]:
         return {row["config_key"] for row in self._rows}

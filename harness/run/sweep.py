@@ -18,7 +18,7 @@ from tqdm import tqdm
 import methods
 from harness.measure.accuracy import NO_DATA_COLUMNS, accuracy_columns
 from harness.measure.decode_cache import check_data_options, decode_for_model, preprocessing_for
-from harness.measure.distributed import from_main_process, is_distributed, on_main_process
+from harness.measure.distributed import is_distributed, on_main_process
 from harness.measure.labels import check_has_classifier
 from harness.measure.macs import count_macs
 from harness.measure.models import create_model
@@ -92,6 +92,10 @@ class SweepConfig:
     method_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("data", "labels_csv", "real_labels"):  # one file, one key, however it was written
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, absolute(getattr(self, name)))
+        object.__setattr__(self, "checkpoints", {name: absolute(path) for name, path in self.checkpoints.items()})
         for name in (*self.methods, *self.checkpoints, *self.method_args):
             methods.lookup(name)
         for name, options in self.method_args.items():
@@ -158,6 +162,24 @@ class SweepConfig:
     def reference_job(self, model: str, resolution: int, batch_size: BatchSize) -> Job:
         options = dict(self.method_args.get(REFERENCE, {}))
         return Job(model, REFERENCE, self.keep_rates_for(REFERENCE)[0], resolution, batch_size, options)
+
+    def shared_settings(self) -> dict[str, Any]:
+        """What every row of a run folder shares beside the report's axes (model, resolution, batch size,
+        device and mode): the data and how it is scored, vanilla's weights, and the timing protocol as
+        given. Rows that differed in these would be compared with another setting's vanilla, and taken for
+        one another when a run resumes."""
+        return {
+            "data": self.data,
+            "labels_csv": self.labels_csv,
+            "limit": self.limit,
+            "class_subset": self.class_subset,
+            "real_labels": self.real_labels,
+            "reference_checkpoint": self.checkpoint_for(REFERENCE),
+            "threads": self.threads,
+            "warmup": self.warmup,
+            "iters": self.iters,
+            "windows": self.windows,
+        }
 
     def checkpoint_for(self, method: str) -> str | None:
         """A method without its own checkpoint runs on the reference's weights (off the shelf)."""
@@ -251,7 +273,15 @@ def floor_twin(reference: nn.Module, counts: methods.BlockTokenCounts) -> nn.Mod
     return methods.apply_floor(copy.deepcopy(reference), counts)
 
 
-def pending_jobs(sweep: SweepConfig, store: RunStore) -> list[Job]:
+def absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def pending_jobs(sweep: SweepConfig, store: RunStore | None) -> list[Job]:
+    """The jobs `store` has no row for, once its folder is known to hold this sweep's shared settings."""
+    if store is None:
+        return sweep.jobs()
+    store.check_settings(sweep.shared_settings())
     done = store.done_keys()
     return [job for job in sweep.jobs() if config_key(sweep, job) not in done]
 
@@ -390,9 +420,10 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
     """Measure each configuration not yet in `store`, append its row, and yield it.
 
     `store` is None on the ranks of a distributed run that do not write. Every rank measures rank 0's
-    list of pending jobs, so that their accuracy all-reduces pair up; only rank 0 keeps the rows.
+    list of pending jobs, so that their accuracy all-reduces pair up; only rank 0 keeps the rows. A
+    store whose folder holds rows of other shared settings (`SweepConfig.shared_settings`) is refused.
     """
-    todo = from_main_process(pending_jobs(sweep, store) if store is not None else sweep.jobs())
+    todo = on_main_process(lambda: pending_jobs(sweep, store))
     if sweep.data is not None and not sweep.checkpoints:
         warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
     if is_distributed() and sweep.device == "cpu" and sweep.threads is None and torch.get_num_threads() == 1:
