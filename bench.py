@@ -91,8 +91,11 @@ def parse_batch_size(text: str) -> int | str:
     return value
 
 
-def parse_option_value(text: str) -> Any:
-    value = yaml.safe_load(text)
+def parse_option_value(key: str, text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise click.BadParameter(f"cannot read {key}={text}: expected a YAML scalar or [list]") from None
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -107,7 +110,7 @@ def parse_method_args(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         options = parsed.setdefault(method.strip(), {})
         for pair in pairs:
             key, _, text = pair.partition("=")
-            options[key.strip()] = parse_option_value(text.strip())
+            options[key.strip()] = parse_option_value(key.strip(), text.strip())
     return parsed
 
 

@@ -228,6 +228,13 @@ def test_tome_given_r_runs_once_per_group_at_the_share_of_patches_it_leaves(tmp_
         (["--data", "/no/such/folder"], "data folder not found"),
         (["--precision", "fp64"], "fp64"),
         (["--precision", "fp16"], "precision fp16 does not run on CPU; allowed on CPU: fp32, bf16"),
+        (["--keep-rates", "0.7,0.70"], "keep rates repeat: 0.7, 0.7"),
+        (["--methods", "evit,evit"], "methods repeat: evit, evit"),
+        (["--resolutions", "64,64"], "resolutions repeat: 64, 64"),
+        (["--method-args", "evit:locations={"], "cannot read locations={: expected a YAML scalar or [list]"),
+        (["--method-args", "tome:r=abc"], "r must be a non-negative int"),  # tome is not run: still checked
+        (["--limit", "5"], "a limit or a class subset of the images needs the images: give --data"),
+        (["--class-subset", "present"], "a limit or a class subset of the images needs the images: give --data"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, args, message):
@@ -237,6 +244,15 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (out / "records.csv").exists()  # nothing half-written
+
+
+def test_a_checkpoint_for_a_method_not_run_is_named_in_a_warning(tmp_path):
+    (tmp_path / "tome.pth").write_bytes(b"never read")
+    result = run(
+        tmp_path / "out", "--methods", "evit", "--keep-rates", "0.5", "--checkpoint", f"tome={tmp_path}/tome.pth"
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: checkpoints for tome are not used: not among the methods run" in result.output
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,8 @@ def check_data_options(
     if data is None:
         if real_labels is not None or labels_csv is not None:
             raise TokenBenchError("labels (a CSV or ReaL file) need the images: give --data")
+        if limit is not None or class_subset != "all":
+            raise TokenBenchError("a limit or a class subset of the images needs the images: give --data")
         return
     load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
     check_cache_dir(default_cache_dir() if cache_dir is None else cache_dir)

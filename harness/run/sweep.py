@@ -107,8 +107,10 @@ class SweepConfig:
             check_keep_rate(keep_rate)
         if not self.models or not self.keep_rates or not self.resolutions or not self.methods:
             raise TokenBenchError("a sweep needs at least one model, method, keep rate and resolution")
-        if len(set(self.models)) != len(self.models):
-            raise TokenBenchError(f"models repeat: {', '.join(self.models)}")
+        for name in ("models", "methods", "keep_rates", "resolutions"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):  # each would be measured twice, its rows side by side
+                raise TokenBenchError(f"{name.replace('_', ' ')} repeat: {', '.join(map(str, values))}")
         if any(not isinstance(r, int) or r <= 0 for r in self.resolutions):
             raise TokenBenchError(f"resolutions must be positive ints, got {self.resolutions}")
         check_batch_sizes(self.batch_sizes or (), self.device)
@@ -130,6 +132,12 @@ class SweepConfig:
         )
         for job in self.jobs():
             job.make_config()  # every method option is checked before anything runs
+        for name, options in self.method_args.items():
+            if name not in self.methods:  # not run here (a sweep file's options for every method): still checked
+                methods.lookup(name).make_config(**options)
+        unused = sorted(set(self.checkpoints) - {REFERENCE, *self.methods})
+        if unused:
+            warnings.warn(f"checkpoints for {', '.join(unused)} are not used: not among the methods run", stacklevel=2)
 
     def batch_sizes_or_default(self) -> tuple[BatchSize, ...]:
         return self.batch_sizes or DEFAULT_BATCH_SIZES["cpu" if self.device == "cpu" else "cuda"]
