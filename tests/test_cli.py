@@ -471,6 +471,51 @@ def test_check_matches_each_batch_size_against_its_own_baseline(axes_run, tmp_pa
     assert failed.exit_code == 1 and len(regressions) == 1 and "evit keep=0.5 @64 batch 1 cpu" in regressions[0]
 
 
+def test_a_baseline_without_the_batch_column_is_refused_against_a_run_of_several_batches(axes_run, tmp_path):
+    """Written before batch sizes were an axis, it would match each of its rows to every batch size."""
+    baseline = tmp_path / "baseline.csv"
+    assert invoke("check", str(axes_run), "--baseline", str(baseline), "--update").exit_code == 0
+    old = pd.read_csv(baseline)
+    old[old["batch_size_requested"] == 1].drop(columns=["batch_size_requested"]).to_csv(baseline, index=False)
+    result = CliRunner().invoke(cli, ["check", str(axes_run), "--baseline", str(baseline)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "to several rows of the run (it lacks the columns batch_size_requested)" in result.output
+
+
+def test_the_report_refuses_two_vanillas_in_one_group(small_run, tmp_path):
+    """A folder from before run.json may hold runs of other data: each row would meet the first vanilla."""
+    records = pd.read_csv(small_run / "records.csv")
+    pd.concat([records, records[records["method"] == "vanilla"]]).to_csv(tmp_path / "records.csv", index=False)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "2 vanilla rows for deit_tiny_patch16_224 at 64x64" in result.output
+
+
+def foreign_records(folder):
+    (folder / "records.csv").write_text("a,b\n1,2\n")
+    return "lack the columns model, method"
+
+
+def empty_records(folder):
+    (folder / "records.csv").write_text("")
+    return "cannot read records"
+
+
+@pytest.mark.parametrize("make", [foreign_records, empty_records])
+@pytest.mark.parametrize("command", [["report"], ["plot"], ["check", "--baseline", "results/baselines/cpu-ci.csv"]])
+def test_a_malformed_records_file_is_one_clear_line(tmp_path, make, command):
+    message = make(tmp_path)
+    result = CliRunner().invoke(cli, [command[0], str(tmp_path), *command[1:]])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_malformed_baseline_or_a_folder_for_one_is_one_clear_line(small_run, tmp_path):
+    (tmp_path / "baseline.csv").write_text("model,speedup\nx,1\n")
+    result = CliRunner().invoke(cli, ["check", str(small_run), "--baseline", str(tmp_path / "baseline.csv")])
+    assert result.exit_code == 2 and "lack the columns method, method_options" in result.output
+    result = CliRunner().invoke(cli, ["check", str(small_run), "--baseline", str(tmp_path), "--update"])
+    assert result.exit_code == 2 and "is a folder: give the path of a CSV file" in result.output
+
+
 def test_macs_are_counted_once_for_all_batch_sizes(tmp_path, monkeypatch):
     counted = []
     original = sweep_module.count_macs

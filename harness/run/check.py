@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.run.records import REFERENCE, read_records, write_csv_atomically
+from harness.run.records import REFERENCE, read_records, read_table, write_csv_atomically
 from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
@@ -54,9 +54,16 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
         raise TokenBenchError(f"tolerance must be in [0, 1), got {tolerance}")
     if not Path(baseline).is_file():
         raise TokenBenchError(f"no baseline at {baseline}: write one with `bench check RUN --baseline FILE --update`")
-    expected = as_key_types(pd.read_csv(baseline))
+    expected = as_key_types(read_table(Path(baseline), BASELINE_COLUMNS, "baseline"))
     measured = as_key_types(read_records(run))
     on = key_columns(expected, measured)
+    ambiguous = measured[measured.duplicated(on, keep=False)]
+    if not ambiguous.empty:
+        lacking = [column for column in OPTIONAL_KEY if column not in expected]
+        raise TokenBenchError(
+            f"the baseline matches {describe(ambiguous.iloc[0])} to several rows of the run (it lacks the columns "
+            f"{', '.join(lacking)}): write it again with --update from a run of one batch size and mode"
+        )
     merged = expected.merge(measured[[*on, "speedup"]], on=on, how="left", suffixes=("", "_run"))
     merged = merged[merged["method"] != REFERENCE]
     regressions, missing = [], []
@@ -74,8 +81,13 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
 def update_baseline(run: str | Path, baseline: str | Path) -> int:
     """Write the run's speedups as the new baseline; returns the number of rows written."""
     records = read_records(run)
+    missing = [column for column in BASELINE_COLUMNS if column not in records]
+    if missing:
+        raise TokenBenchError(f"the records of {run} lack the columns {', '.join(missing)}")
     rows = records[[*BASELINE_COLUMNS, *(c for c in OPTIONAL_KEY if c in records)]]
     path = Path(baseline)
+    if path.is_dir():
+        raise TokenBenchError(f"--baseline {path} is a folder: give the path of a CSV file")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_csv_atomically(rows, path)
     return len(rows)

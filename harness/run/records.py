@@ -102,6 +102,12 @@ class RunStore:
         write_csv_atomically(pd.DataFrame(self._rows), self.path)
 
 
+# What report, plot, check and a resume read from every record; older records lack some later columns,
+# which `report.with_group_columns` fills in.
+RECORD_COLUMNS = ["model", "method", "keep_rate", "resolution", "device", "precision", "batch_size", "gmacs"]
+RECORD_COLUMNS += ["img_per_s", "speedup", "config_key"]
+
+
 def read_records(run: str | Path) -> pd.DataFrame:
     """The records of a run folder (or of a records CSV given directly)."""
     path = Path(run)
@@ -109,4 +115,16 @@ def read_records(run: str | Path) -> pd.DataFrame:
         path = path / RECORDS_FILE
     if not path.is_file():
         raise TokenBenchError(f"no records at {path}: run `bench run --out {Path(run)}` first")
-    return pd.read_csv(path)
+    return read_table(path, RECORD_COLUMNS, "records")
+
+
+def read_table(path: Path, columns: list[str], what: str) -> pd.DataFrame:
+    """A CSV that must hold `columns`; one clear error for an empty, malformed or foreign file."""
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
+        raise TokenBenchError(f"cannot read {what} {path}: {str(error).strip().splitlines()[0]}") from None
+    missing = [column for column in columns if column not in frame]
+    if missing:
+        raise TokenBenchError(f"{what} {path} lack the columns {', '.join(missing)}: not tokenbench {what}?")
+    return frame

@@ -60,6 +60,11 @@ def build_report(records: pd.DataFrame) -> pd.DataFrame:
         reference = group[group["method"] == REFERENCE]
         if reference.empty:
             raise TokenBenchError(f"no vanilla row for {describe_group(key)}: the report compares against it")
+        if len(reference) > 1:  # a folder from before run.json, holding runs of other data or weights
+            raise TokenBenchError(
+                f"{len(reference)} vanilla rows for {describe_group(key)} (runs with other data, checkpoints or "
+                f"timing in one folder): report each from its own folder"
+            )
         base = reference.iloc[0]
         frame = group.copy()
         frame["mac_reduction_pct"] = 100 * (1 - frame["gmacs"] / base["gmacs"])
