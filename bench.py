@@ -139,38 +139,8 @@ def list_command() -> None:
             click.echo(f"    {option} = {default!r}")
 
 
-SWEEP_KEYS = (
-    "model models methods keep_rates resolutions device batch_size batch_sizes precision model_dtype cuda_graphs "
-    "compile warmup iters windows threads data labels_csv limit cache_dir workers class_subset real_labels "
-    "checkpoints method_args out"
-).split()
 # The one-value forms of list options: `model: X` is `models: [X]`, `batch_size: 8` is `batch_sizes: [8]`.
 SINGULAR = {"model": "models", "batch_size": "batch_sizes"}
-
-
-def read_sweep_file(path: str) -> dict[str, Any]:
-    """A YAML sweep file: the same names as the options (keep_rates or keep-rates, lists as lists)."""
-    try:
-        content = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise click.BadParameter(f"cannot read sweep file {path}: {error}") from None
-    if not isinstance(content, dict):
-        raise click.BadParameter(f"sweep file {path} must hold a mapping of option names to values")
-    settings = {key.replace("-", "_"): value for key, value in content.items()}
-    unknown = sorted(set(settings) - set(SWEEP_KEYS))
-    if unknown:
-        raise click.BadParameter(
-            f"sweep file {path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(SWEEP_KEYS)}"
-        )
-    for key in ("methods", "models", "keep_rates", "resolutions", "batch_sizes"):
-        if isinstance(settings.get(key), list):
-            settings[key] = tuple(settings[key])
-    if isinstance(settings.get("method_args"), dict):
-        settings["method_args"] = {
-            method: {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
-            for method, options in settings["method_args"].items()
-        }
-    return settings
 
 
 @cli.command("run")
@@ -242,6 +212,7 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     from harness.run.records import RunStore
     from harness.run.report import write_report
     from harness.run.sweep import SweepConfig, preflight, run_sweep
+    from harness.run.sweep_file import read_sweep_file
 
     settings = one_value_forms(read_sweep_file(config_file) if config_file else {})
     settings.update(one_value_forms(cli_settings(options)))
