@@ -63,7 +63,8 @@ class RunStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORDS_FILE
-        self._rows: list[dict[str, Any]] = read_records(self.run_dir).to_dict("records") if self.path.exists() else []
+        rows = read_table(self.path, ["config_key"], "records") if self.path.exists() else pd.DataFrame()
+        self._rows: list[dict[str, Any]] = rows.to_dict("records")  # a resume needs their keys only
 
     @staticmethod
     def prepare(run_dir: str | Path) -> RunStore:
@@ -102,8 +103,8 @@ class RunStore:
         write_csv_atomically(pd.DataFrame(self._rows), self.path)
 
 
-# What report, plot, check and a resume read from every record; older records lack some later columns,
-# which `report.with_group_columns` fills in.
+# What report, plot and check read from every record; older records lack some later columns, which
+# `report.with_group_columns` fills in.
 RECORD_COLUMNS = ["model", "method", "keep_rate", "resolution", "device", "precision", "batch_size", "gmacs"]
 RECORD_COLUMNS += ["img_per_s", "speedup", "config_key"]
 
