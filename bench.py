@@ -367,7 +367,7 @@ def cache_list_command(cache_dir: str | None) -> None:
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     caches = list_caches(folder)
     for cache in caches:
-        click.echo(f"{cache.path.name}  {describe_cache(cache)}  {cache.root}  {cache.preprocessing}")
+        click.echo(f"{cache.path.name}  {describe_cache(cache)}  {cache.root}  {' '.join(cache.preprocessing.split())}")
     click.echo(f"{len(caches)} caches, {sum(cache.bytes for cache in caches) / 1e9:.2f} GB in {folder}")
 
 

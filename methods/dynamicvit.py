@@ -27,6 +27,11 @@ from methods.token_ops import gather_tokens, top_k_positions
 from methods.tracing import report_selection
 
 PREDICTORS_ATTR = "score_predictor"
+TRAINING_WARNING = (
+    "dynamicvit in training mode still keeps the top-k tokens, as at inference: DynamicViT's training "
+    "(Gumbel-softmax keep masks over all tokens, through which the loss trains the predictors) is not "
+    "implemented, so the predictors get gradients only from a loss on their own scores"
+)
 INIT_SEED = 0
 
 
@@ -115,19 +120,11 @@ class PruningBlock(Block):
     def forward(self, x: torch.Tensor, **block_kwargs: Any) -> torch.Tensor:
         return super().forward(self.prune(x), **block_kwargs)
 
-    def train(self, mode: bool = True) -> PruningBlock:
-        if mode and self.stage == 0:
-            warnings.warn(
-                "dynamicvit in training mode still keeps the top-k tokens, as at inference: DynamicViT's training "
-                "(Gumbel-softmax keep masks over all tokens, through which the loss trains the predictors) is not "
-                "implemented, so the predictors get gradients only from a loss on their own scores",
-                stacklevel=2,
-            )
-        return super().train(mode)
-
     def prune(self, x: torch.Tensor) -> torch.Tensor:
         if self.stage == 0:
             self.patch_count.n0 = x.shape[1] - self.prefix
+            if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                warnings.warn(TRAINING_WARNING, stacklevel=3)  # shown once, as Python shows a warning
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
         keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, N], a view of the log-softmax's output
         # The top-k overwrites the prefix's scores with +inf: in the predictor's own output (what a hook on it

@@ -55,6 +55,19 @@ def test_a_changed_file_s_new_cache_removes_the_one_it_supersedes_only(tmp_path)
     assert len(cache_names(tmp_path)) == 3  # they were current: nothing re-decoded, nothing added
 
 
+def test_another_host_s_cache_of_the_same_paths_is_not_superseded(tmp_path):
+    """A cache folder shared by hosts, each with its own copy of the data at the same paths (other times):
+    removing each other's caches would decode 7.5 GB at every switch."""
+    dataset = decode_set(tmp_path)
+    (other,) = list_caches(tmp_path / "cache")
+    index = json.loads((other.path / INDEX).read_text())
+    (other.path / INDEX).write_text(json.dumps({**index, "host": "another-host"}))
+    rewrite(dataset.samples[3][0])
+    decode_set(tmp_path)
+    assert other.path in {cache.path for cache in list_caches(tmp_path / "cache")}
+    assert len(cache_names(tmp_path)) == 2
+
+
 def test_a_cache_without_a_source_is_never_taken_for_a_superseded_one(tmp_path):
     """Caches written before their index named a source are left to `bench cache clear`."""
     dataset = decode_set(tmp_path)
@@ -109,6 +122,7 @@ def test_bench_cache_lists_and_clears(tmp_path):
     assert listed.exit_code == 0, listed.output
     (cache,) = list_caches(tmp_path / "cache")
     assert f"{cache.path.name}  0.00 GB  10 images  used " in listed.output
+    assert len(listed.output.strip().splitlines()) == 2  # the cache's line (its preprocessing on it), the total
     assert listed.output.strip().endswith(f"1 caches, 0.00 GB in {folder}")
     cleared = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", folder, "--unused-for", "1"])
     assert cleared.exit_code == 0 and cleared.output.strip() == "removed 0 caches, 0.00 GB"

@@ -61,6 +61,21 @@ def test_a_run_folder_holds_one_data_setting_however_its_paths_are_written(tmp_p
 
 
 @pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_a_folder_whose_keys_hold_paths_as_typed_resumes_from_where_it_was_run(tmp_path, monkeypatch):
+    """Keys written before paths were resolved (`--data val`, and no run.json) still name their rows."""
+    root = synset_tree(tmp_path / "val")
+    assert run(tmp_path / "out", "--data", str(root), "--cache-dir", str(tmp_path / "cache")).exit_code == 0
+    records = pd.read_csv(tmp_path / "out" / "records.csv")
+    records["config_key"] = [key.replace(json.dumps(str(root)), json.dumps("val")) for key in records["config_key"]]
+    assert all('"data": "val"' in key for key in records["config_key"])
+    records.to_csv(tmp_path / "out" / "records.csv", index=False)
+    (tmp_path / "out" / "run.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    again = run(tmp_path / "out", "--data", "val", "--cache-dir", str(tmp_path / "cache"))
+    assert again.exit_code == 0 and "0 new rows" in again.output
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
 def test_evaluation_runs_under_the_runs_threads(tmp_path, monkeypatch):
     """--threads holds for the top-1 as for the timing: the model is evaluated as it was timed."""
     seen = []

@@ -326,16 +326,21 @@ def test_macs_equal_the_analytic_formula():
     assert count_macs(model, 224) == total
 
 
-def test_training_mode_says_that_it_runs_the_inference_selection():
+def test_training_with_gradients_says_that_it_runs_the_inference_selection(recwarn):
     """Official training keeps every token under Gumbel-softmax masks; here the hard top-k runs in both
-    modes, the logits are the same, and the loss gives the predictors no gradient."""
+    modes, the logits are the same, and the loss gives the predictors no gradient. Counting tokens or
+    MACs of a model in training mode (which runs it in eval) says nothing."""
     model = methods.apply(tiny_vit(), "dynamicvit", keep_rate=0.5, locations=(1, 2)).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = model(images)
+    model.train()
+    methods.token_counts(model, 64)
+    with torch.no_grad():
+        model(images)
+    assert not [warning for warning in recwarn if "training mode" in str(warning.message)]
     with pytest.warns(UserWarning, match="dynamicvit in training mode still keeps the top-k tokens"):
-        model.train()
-    model(images).sum().backward()
+        model(images).sum().backward()
     assert all(param.grad is None for param in model.score_predictor.parameters())
     model.eval()
     torch.testing.assert_close(model(images), expected, rtol=0, atol=0)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from harness.run.records import RunStore, write_csv_atomically, write_text_atomically
+from methods import TokenBenchError
 
 
 @pytest.fixture
@@ -39,3 +40,14 @@ def test_appended_rows_are_all_kept_and_no_temporary_file_is_left(tmp_path):
     assert pd.read_csv(tmp_path / "records.csv")["value"].tolist() == [0, 1, 2]
     assert RunStore(tmp_path).done_keys() == {"k0", "k1", "k2"}
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_shared_settings_bind_a_folder_once_it_holds_rows(tmp_path):
+    """A first run stopped before its first row (Ctrl-C in a long decode) binds nothing."""
+    store = RunStore.prepare(tmp_path)
+    store.check_settings({"limit": 4})
+    store.check_settings({"limit": 6})
+    store.append({"config_key": "k0"})
+    with pytest.raises(TokenBenchError, match="holds rows measured with limit=6; this run asks for limit=4"):
+        RunStore(tmp_path).check_settings({"limit": 4})
+    RunStore(tmp_path).check_settings({"limit": 6})

@@ -25,6 +25,10 @@ def test_lists_take_one_value_or_a_comma_separated_string(tmp_path):
     }
 
 
+def test_null_leaves_an_option_unset(tmp_path):
+    assert read_sweep_file(sweep_file(tmp_path, "limit: null\ndata:\nmethods: evit\n")) == {"methods": ("evit",)}
+
+
 def test_method_options_keep_their_lists_as_tuples(tmp_path):
     text = "method_args:\n  evit:\n    locations: [1, 2]\n  prune:\ncheckpoints:\n  evit: /x.pth\n"
     settings = read_sweep_file(sweep_file(tmp_path, text))

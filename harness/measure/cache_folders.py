@@ -4,7 +4,8 @@ A cache is about 150 KB an image (7.5 GB for ImageNet's validation set at 224), 
 and preprocessing, so they add up: a resolution or a model with another crop makes a new one, and a
 changed file makes a new one that the old can never be served for again. So a new cache removes the
 caches it supersedes (the same files, in the same order, with the same preprocessing, but older
-contents), reading one marks it used, and `bench cache` lists them and removes the unused ones.
+contents, written on the same host), reading one marks it used, and `bench cache` lists them and
+removes the unused ones.
 """
 
 from __future__ import annotations
@@ -60,18 +61,20 @@ def list_caches(cache_dir: Path) -> list[CacheFolder]:
     caches = []
     for folder in cache_dir.iterdir():
         index = read_index(folder) if folder.is_dir() and not folder.name.startswith(".") else None
-        if index is None:
+        try:
+            if index is not None:
+                caches.append(
+                    CacheFolder(
+                        path=folder,
+                        images=int(index.get("images", 0)),
+                        bytes=sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file()),
+                        last_used=(folder / INDEX).stat().st_mtime,
+                        root=str(index.get("root", "?")),
+                        preprocessing=str(index.get("preprocessing", "?")),
+                    )
+                )
+        except FileNotFoundError:  # removed meanwhile by another process
             continue
-        caches.append(
-            CacheFolder(
-                path=folder,
-                images=int(index.get("images", 0)),
-                bytes=sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file()),
-                last_used=(folder / INDEX).stat().st_mtime,
-                root=str(index.get("root", "?")),
-                preprocessing=str(index.get("preprocessing", "?")),
-            )
-        )
     return sorted(caches, key=lambda cache: cache.last_used, reverse=True)
 
 
@@ -89,11 +92,14 @@ def remove_caches(cache_dir: Path, unused_days: float | None = None) -> list[Cac
 
 
 def remove_superseded(folder: Path, source: str) -> None:
-    """Remove the other caches of the same files and preprocessing (`source`): their files have changed
-    since, so their keys can never be asked for again."""
+    """Remove the other caches of the same files and preprocessing (`source`) written on this host: their
+    files have changed since, so this host can never ask for their keys again. Another host sharing the
+    folder may hold other copies of the files at the same paths, so its caches stay."""
     for other in folder.parent.iterdir():
-        index = read_index(other) if other != folder and other.is_dir() else None
-        if index is not None and index.get("source") == source:
+        if other == folder or other.name.startswith(".") or not other.is_dir():
+            continue  # the new cache, a folder still being written, a stray file
+        index = read_index(other)
+        if index is not None and index.get("source") == source and index.get("host") == socket.gethostname():
             shutil.rmtree(other, ignore_errors=True)
 
 

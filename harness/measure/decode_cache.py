@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -233,7 +234,12 @@ def decode(
         write_cache(folder, source, files, preprocessing, workers, progress)
         decode_s = time.perf_counter() - start
     budget = default_memory_budget() if memory_budget is None else memory_budget
-    pixels, unreadable = read_cache(folder, budget, pin)
+    try:
+        pixels, unreadable = read_cache(folder, budget, pin)
+    except FileNotFoundError:  # removed since it was found complete (`bench cache clear` meanwhile): decode again
+        write_cache(folder, source, files, preprocessing, workers, progress)
+        decode_s = time.perf_counter() - start
+        pixels, unreadable = read_cache(folder, budget, pin)
     return DecodedImages(dataset, rows, pixels, unreadable, preprocessing, decode_s)
 
 
@@ -314,6 +320,7 @@ def write_cache(
         pixels.flush()
         del pixels
         index = {"images": len(files), "unreadable": np.flatnonzero(unreadable).tolist(), "source": source}
+        index["host"] = socket.gethostname()  # whose copy of the files it holds (`remove_superseded`)
         root = os.path.commonpath([os.path.abspath(path) for path in files]) if files else ""
         (partial / INDEX).write_text(json.dumps({**index, "root": root, "preprocessing": preprocessing.description}))
         if not is_complete(folder, shape):  # else another process finished the same cache meanwhile

@@ -80,9 +80,10 @@ class RunStore:
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Record the settings every row of this folder shares (run.json) on its first run; refuse a later
-        run that asks for other ones. A folder from before run.json takes the settings it is given."""
+        run that asks for other ones while the folder holds rows. A folder from before run.json takes the
+        settings it is given."""
         path = self.run_dir / SETTINGS_FILE
-        if not path.is_file():
+        if not path.is_file() or not self._rows:  # no row yet (a first run stopped early): nothing to keep to
             write_text_atomically(json.dumps(settings, indent=2, sort_keys=True), path)
             return
         stored = json.loads(path.read_text())

@@ -173,9 +173,10 @@ class SweepConfig:
 
     def shared_settings(self) -> dict[str, Any]:
         """What every row of a run folder shares beside the report's axes (model, resolution, batch size,
-        device and mode): the data and how it is scored, vanilla's weights, and the timing protocol as
-        given. Rows that differed in these would be compared with another setting's vanilla, and taken for
-        one another when a run resumes."""
+        device and mode): the data and how it is scored, vanilla's weights, and the timing protocol as it
+        takes effect (the device's defaults, torch's threads where none are given). Rows that differed in
+        these would be compared with another setting's vanilla, and taken for one another on resume."""
+        timing = self.throughput_config(self.batch_sizes_or_default()[0])
         return {
             "data": self.data,
             "labels_csv": self.labels_csv,
@@ -183,10 +184,10 @@ class SweepConfig:
             "class_subset": self.class_subset,
             "real_labels": self.real_labels,
             "reference_checkpoint": self.checkpoint_for(REFERENCE),
-            "threads": self.threads,
-            "warmup": self.warmup,
-            "iters": self.iters,
-            "windows": self.windows,
+            "threads": torch.get_num_threads() if self.threads is None else self.threads,  # 1 under torchrun
+            "warmup": timing.warmup,
+            "iters": timing.iters,
+            "windows": timing.windows,
         }
 
     def checkpoint_for(self, method: str) -> str | None:
@@ -232,6 +233,9 @@ class Job:
             else f"keep={self.keep_rate:g}"
         )
         return f"{self.model} {self.method} {amount} @{self.resolution} batch {self.batch_size}"
+
+
+PATH_FIELDS = ("data", "labels_csv", "real_labels", "checkpoint")  # the `config_key` fields that name files
 
 
 def config_key(sweep: SweepConfig, job: Job) -> str:
@@ -290,8 +294,18 @@ def pending_jobs(sweep: SweepConfig, store: RunStore | None) -> list[Job]:
     if store is None:
         return sweep.jobs()
     store.check_settings(sweep.shared_settings())
-    done = store.done_keys()
+    done = {with_absolute_paths(key) for key in store.done_keys()}
     return [job for job in sweep.jobs() if config_key(sweep, job) not in done]
+
+
+def with_absolute_paths(key: str) -> str:
+    """A stored `config_key` with its paths resolved, as keys are now made: rows of a folder written
+    before paths were resolved (`./val/`, `ck.pth`) are found by the same command run from the same folder."""
+    fields = json.loads(key)
+    for name in PATH_FIELDS:
+        if fields.get(name) is not None:
+            fields[name] = absolute(fields[name])
+    return json.dumps(fields, sort_keys=True)
 
 
 class Sweeper:

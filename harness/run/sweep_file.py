@@ -60,7 +60,7 @@ def read_sweep_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(settings) - set(SWEEP_KEYS))
     if unknown:
         raise TokenBenchError(f"sweep file {path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(SWEEP_KEYS)}")
-    return {key: checked(key, value, path) for key, value in settings.items()}
+    return {key: checked(key, value, path) for key, value in settings.items() if value is not None}  # null: unset
 
 
 def checked(key: str, value: Any, path: str | Path) -> Any:
