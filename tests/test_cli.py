@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import timm
+import torch
 from click.testing import CliRunner
 
 import methods
@@ -123,11 +124,16 @@ def test_each_row_is_dated_when_it_was_measured(tmp_path, monkeypatch):
 def test_a_rerun_with_another_timing_protocol_is_refused_not_taken_for_done(small_run):
     """Its rows would be skipped as measured, though measured otherwise."""
     before = (small_run / "records.csv").read_text()
-    for args, change in [(["--threads", "1"], "threads=None"), (["--windows", "5"], "windows=2")]:
+    threads = json.loads((small_run / "run.json").read_text())["threads"]  # torch's, as none was given
+    assert threads == torch.get_num_threads()
+    for args, change in [(["--threads", str(threads + 1)], f"threads={threads}"), (["--windows", "5"], "windows=2")]:
         result = CliRunner().invoke(cli, ["run", *FAST, "--out", str(small_run), "--methods", "evit", *args])
         assert result.exit_code == 2 and f"holds rows measured with {change}; this run asks" in result.output
     assert (small_run / "records.csv").read_text() == before
     assert json.loads((small_run / "run.json").read_text())["windows"] == 2
+    args = ["run", *FAST, "--out", str(small_run), "--methods", "evit", "--keep-rates", "0.5"]
+    same = CliRunner().invoke(cli, [*args, "--threads", str(threads)])
+    assert same.exit_code == 0 and "0 new rows" in same.output  # torch's count given explicitly: the same protocol
 
 
 def test_interrupted_sweep_keeps_finished_rows_and_resumes(tmp_path, monkeypatch):
