@@ -124,7 +124,7 @@ class PruningBlock(Block):
         if self.stage == 0:
             self.patch_count.n0 = x.shape[1] - self.prefix
             if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                warnings.warn(TRAINING_WARNING, stacklevel=3)  # shown once, as Python shows a warning
+                warnings.warn(TRAINING_WARNING, stacklevel=1)  # shown once, as Python shows a warning
         n_keep = keep_count(self.keep_rate, self.stage, self.patch_count.n0)
         keep_score = self.predictor(x, self.prefix)[..., 0]  # [B, N], a view of the log-softmax's output
         # The top-k overwrites the prefix's scores with +inf: in the predictor's own output (what a hook on it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -530,3 +531,12 @@ def test_macs_are_counted_once_for_all_batch_sizes(tmp_path, monkeypatch):
     result = invoke("run", *TIMING, *args, "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(tmp_path / "records.csv")) == 6 and len(counted) == 2  # vanilla and prune, once each
+
+
+def test_stored_keys_that_are_not_ours_are_compared_as_they_are():
+    nan = float("nan")  # an empty cell
+    assert sweep_module.with_absolute_paths(nan) is nan
+    for key in ["not json", "[1]", '{"data": 5}']:
+        assert sweep_module.with_absolute_paths(key) == key
+    resolved = json.loads(sweep_module.with_absolute_paths('{"data": "val", "checkpoint": null}'))
+    assert resolved == {"data": str(Path("val").resolve()), "checkpoint": None}

@@ -53,7 +53,7 @@ def test_a_run_folder_holds_one_data_setting_however_its_paths_are_written(tmp_p
     assert run(tmp_path / "out", "--data", str(root), "--limit", "4", *cache).exit_code == 0
     refused = run(tmp_path / "out", "--data", str(root), "--limit", "6", *cache)
     assert refused.exit_code == 2 and "Traceback" not in refused.output
-    assert "holds rows measured with limit=4; this run asks for limit=6: give another --out" in refused.output
+    assert "measured with limit=4; this run asks for limit=6: run with the folder's settings" in refused.output
     monkeypatch.chdir(tmp_path)
     again = run(tmp_path / "out", "--data", "./val/", "--limit", "4", *cache)
     assert again.exit_code == 0 and "0 new rows" in again.output

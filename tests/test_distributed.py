@@ -1,5 +1,6 @@
 """Sharded evaluation: two gloo processes on this machine count every image exactly once."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -120,7 +121,7 @@ def test_a_bad_label_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
 
 def sweep_on(root, labels, keep_rates):
     """evit on deit_tiny at 64x64 with accuracy on `root`: quick timing, the labels from a CSV."""
-    timing = dict(device="cpu", batch_sizes=(2,), warmup=0, iters=1, windows=1)
+    timing = dict(device="cpu", batch_sizes=(2,), warmup=0, iters=1, windows=1, threads=1)  # as under torchrun
     return SweepConfig(
         models=("deit_tiny_patch16_224",),
         methods=("evit",),
@@ -171,7 +172,8 @@ def sweep_timing_on_each_rank(rank, root, labels, out):
     store = RunStore.prepare(out / "run") if is_main_process() else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = list(run_sweep(sweep_on(root, labels, (0.5,)), store, progress=False))
+        sweep = dataclasses.replace(sweep_on(root, labels, (0.5,)), threads=None)  # torchrun's one thread
+        rows = list(run_sweep(sweep, store, progress=False))
     speeds = [[row[key] for key in ("img_per_s", "speedup", "floor_speedup", "top1")] for row in rows]
     record = {"timed": timed, "speeds": speeds, "warnings": [str(warning.message) for warning in caught]}
     (out / f"rank{rank}.json").write_text(json.dumps(record))

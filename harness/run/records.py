@@ -92,8 +92,9 @@ class RunStore:
             held = ", ".join(f"{name}={stored.get(name)!r}" for name in changed)
             asked = ", ".join(f"{name}={settings[name]!r}" for name in changed)
             raise TokenBenchError(
-                f"{self.run_dir} holds rows measured with {held}; this run asks for {asked}: give another --out "
-                f"(a run folder holds one setting of these, so each row is compared with its own vanilla)"
+                f"{self.run_dir} holds rows measured with {held}; this run asks for {asked}: run with the folder's "
+                f"settings, or give another --out (a folder holds one setting of these, so that each row is "
+                f"compared with its own vanilla)"
             )
 
     def done_keys(self) -> set[str]:

@@ -184,11 +184,18 @@ class SweepConfig:
             "class_subset": self.class_subset,
             "real_labels": self.real_labels,
             "reference_checkpoint": self.checkpoint_for(REFERENCE),
-            "threads": torch.get_num_threads() if self.threads is None else self.threads,  # 1 under torchrun
+            "threads": self.cpu_threads(),
             "warmup": timing.warmup,
             "iters": timing.iters,
             "windows": timing.windows,
         }
+
+    def cpu_threads(self) -> int | None:
+        """The threads a CPU run times on: those given, else torch's (1 under torchrun); None on a GPU,
+        whose timing they do not decide."""
+        if self.device != "cpu":
+            return None
+        return torch.get_num_threads() if self.threads is None else self.threads
 
     def checkpoint_for(self, method: str) -> str | None:
         """A method without its own checkpoint runs on the reference's weights (off the shelf)."""
@@ -301,10 +308,13 @@ def pending_jobs(sweep: SweepConfig, store: RunStore | None) -> list[Job]:
 def with_absolute_paths(key: str) -> str:
     """A stored `config_key` with its paths resolved, as keys are now made: rows of a folder written
     before paths were resolved (`./val/`, `ck.pth`) are found by the same command run from the same folder."""
-    fields = json.loads(key)
-    for name in PATH_FIELDS:
-        if fields.get(name) is not None:
-            fields[name] = absolute(fields[name])
+    try:
+        fields = json.loads(key)
+        for name in PATH_FIELDS:
+            if isinstance(fields.get(name), str):
+                fields[name] = absolute(fields[name])
+    except (TypeError, ValueError, AttributeError, RuntimeError):  # not one of our keys: compared as it is
+        return key
     return json.dumps(fields, sort_keys=True)
 
 
