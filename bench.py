@@ -26,9 +26,16 @@ if TYPE_CHECKING:
 DEFAULT_OUT = "results/run"
 
 
+class InputError(click.ClickException):
+    """Bad input found by the library: `Error: MESSAGE`, one line, exit code 2 as for a bad option, without
+    the usage banner (most are not about the command line: a folder, a file, a model)."""
+
+    exit_code = 2
+
+
 def user_errors(command: Callable) -> Callable:
-    """Turn the library's TokenBenchError into Click's usage error (one line, exit code 2), and show
-    warnings as plain lines while the command runs."""
+    """Turn the library's TokenBenchError into one error line (exit code 2), and show warnings as plain
+    lines while the command runs."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -36,7 +43,7 @@ def user_errors(command: Callable) -> Callable:
             with warnings_as_plain_lines():
                 return command(*args, **kwargs)
         except TokenBenchError as error:
-            raise click.UsageError(str(error)) from None
+            raise InputError(str(error)) from None
 
     return wrapper
 

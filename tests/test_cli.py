@@ -540,3 +540,12 @@ def test_stored_keys_that_are_not_ours_are_compared_as_they_are():
         assert sweep_module.with_absolute_paths(key) == key
     resolved = json.loads(sweep_module.with_absolute_paths('{"data": "val", "checkpoint": null}'))
     assert resolved == {"data": str(Path("val").resolve()), "checkpoint": None}
+
+
+def test_an_error_of_the_library_is_one_line_without_the_usage_banner(tmp_path):
+    missing = tmp_path / "nothing"
+    result = CliRunner().invoke(cli, ["report", str(missing)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: no records at {missing}: run `bench run --out {missing}` first"
+    ]
