@@ -218,7 +218,8 @@ def run_command(config_file: str | None, quiet: bool, **options: Any) -> None:
     from harness.measure.throughput import resolve_device
     from harness.run.records import RunStore
     from harness.run.report import write_report
-    from harness.run.sweep import SweepConfig, preflight, run_sweep
+    from harness.run.sweep import preflight, run_sweep
+    from harness.run.sweep_config import SweepConfig
     from harness.run.sweep_file import read_sweep_file
 
     settings = one_value_forms(read_sweep_file(config_file) if config_file else {})

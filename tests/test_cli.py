@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import methods
 from bench import cli
 from harness.run import sweep as sweep_module
+from harness.run.sweep_config import with_absolute_paths
 from tests.test_accuracy import noise_tree
 
 TIMING = ["--resolutions", "64", "--device", "cpu", "--warmup", "0", "--iters", "1", "--windows", "2", "--quiet"]
@@ -535,10 +536,10 @@ def test_macs_are_counted_once_for_all_batch_sizes(tmp_path, monkeypatch):
 
 def test_stored_keys_that_are_not_ours_are_compared_as_they_are():
     nan = float("nan")  # an empty cell
-    assert sweep_module.with_absolute_paths(nan) is nan
+    assert with_absolute_paths(nan) is nan
     for key in ["not json", "[1]", '{"data": 5}']:
-        assert sweep_module.with_absolute_paths(key) == key
-    resolved = json.loads(sweep_module.with_absolute_paths('{"data": "val", "checkpoint": null}'))
+        assert with_absolute_paths(key) == key
+    resolved = json.loads(with_absolute_paths('{"data": "val", "checkpoint": null}'))
     assert resolved == {"data": str(Path("val").resolve()), "checkpoint": None}
 
 

@@ -20,7 +20,8 @@ from harness.measure.accuracy import evaluate
 from harness.measure.data import eval_transform, load_imagenet_folder
 from harness.measure.decode_cache import Preprocessing, decode, decode_for_model, preprocessing_for
 from harness.run.records import RunStore
-from harness.run.sweep import SweepConfig, run_sweep
+from harness.run.sweep import run_sweep
+from harness.run.sweep_config import SweepConfig
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 from tests.test_accuracy import CLASSES, noise_tree

@@ -18,7 +18,8 @@ from harness.measure.accuracy import evaluate
 from harness.measure.data import eval_transform, load_imagenet_folder
 from harness.measure.distributed import init_from_env, is_main_process, on_main_process, shard_indices, shutdown
 from harness.run.records import RunStore, read_records
-from harness.run.sweep import SweepConfig, run_sweep
+from harness.run.sweep import run_sweep
+from harness.run.sweep_config import SweepConfig
 from methods import TokenBenchError
 from tests.conftest import tiny_vit
 from tests.test_accuracy import CLASSES, noise_tree
