@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 with warnings.catch_warnings():  # fvcore scripts its focal loss at import, which torch now calls deprecated
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    # (a FutureWarning in torch 2.14, a DeprecationWarning in 2.11, the GPU machine's): any category
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
