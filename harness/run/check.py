@@ -80,10 +80,7 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
 
 def update_baseline(run: str | Path, baseline: str | Path) -> int:
     """Write the run's speedups as the new baseline; returns the number of rows written."""
-    records = read_records(run)
-    missing = [column for column in BASELINE_COLUMNS if column not in records]
-    if missing:
-        raise TokenBenchError(f"the records of {run} lack the columns {', '.join(missing)}")
+    records = read_records(run, also=BASELINE_COLUMNS)
     rows = records[[*BASELINE_COLUMNS, *(c for c in OPTIONAL_KEY if c in records)]]
     path = Path(baseline)
     if path.is_dir():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -111,17 +111,17 @@ RECORD_COLUMNS = ["model", "method", "keep_rate", "resolution", "device", "preci
 RECORD_COLUMNS += ["img_per_s", "speedup", "config_key"]
 
 
-def read_records(run: str | Path) -> pd.DataFrame:
-    """The records of a run folder (or of a records CSV given directly)."""
+def read_records(run: str | Path, also: Sequence[str] = ()) -> pd.DataFrame:
+    """The records of a run folder (or of a records CSV given directly), holding RECORD_COLUMNS and `also`."""
     path = Path(run)
     if path.is_dir():
         path = path / RECORDS_FILE
     if not path.is_file():
         raise TokenBenchError(f"no records at {path}: run `bench run --out {Path(run)}` first")
-    return read_table(path, RECORD_COLUMNS, "records")
+    return read_table(path, [*RECORD_COLUMNS, *also], "records")
 
 
-def read_table(path: Path, columns: list[str], what: str) -> pd.DataFrame:
+def read_table(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
     """A CSV that must hold `columns`; one clear error for an empty, malformed or foreign file."""
     try:
         frame = pd.read_csv(path)
