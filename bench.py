@@ -11,7 +11,6 @@ import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -370,9 +369,9 @@ CACHE_DIR_OPTION = click.option(
 def cache_list_command(cache_dir: str | None) -> None:
     """Each cache, most recently used first: size, images, last use, the images' folder and preprocessing."""
     from harness.measure.cache_folders import list_caches
-    from harness.measure.decode_cache import default_cache_dir
+    from harness.measure.decode_cache import cache_dir_or_default
 
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = cache_dir_or_default(cache_dir)
     caches = list_caches(folder)
     for cache in caches:
         click.echo(f"{cache.path.name}  {describe_cache(cache)}  {cache.root}  {' '.join(cache.preprocessing.split())}")
@@ -386,9 +385,9 @@ def cache_list_command(cache_dir: str | None) -> None:
 def cache_clear_command(cache_dir: str | None, unused_for: float | None) -> None:
     """Remove the caches (all, or those unused for --unused-for days) and what killed decodes left."""
     from harness.measure.cache_folders import remove_caches
-    from harness.measure.decode_cache import default_cache_dir
+    from harness.measure.decode_cache import cache_dir_or_default
 
-    removed = remove_caches(Path(cache_dir) if cache_dir else default_cache_dir(), unused_for)
+    removed = remove_caches(cache_dir_or_default(cache_dir), unused_for)
     for cache in removed:
         click.echo(f"removed {cache.path}  {describe_cache(cache)}")
     click.echo(f"removed {len(removed)} caches, {sum(cache.bytes for cache in removed) / 1e9:.2f} GB")

@@ -174,7 +174,7 @@ def decode_for_model(
         dataset,
         shard_indices(len(dataset)),
         preprocessing_for(model, img_size),
-        cache_dir=default_cache_dir() if cache_dir is None else cache_dir,
+        cache_dir=cache_dir_or_default(cache_dir),
         workers=default_workers() if workers is None else workers,
         pin=str(device).startswith("cuda"),
         progress=progress,
@@ -203,7 +203,7 @@ def check_data_options(
             raise TokenBenchError("a limit or a class subset of the images needs the images: give --data")
         return
     load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
-    check_cache_dir(default_cache_dir() if cache_dir is None else cache_dir)
+    check_cache_dir(cache_dir)
 
 
 def decode(
@@ -355,9 +355,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenbench"
 
 
+def cache_dir_or_default(path: str | Path | None) -> Path:
+    """`path` as given (--cache-dir), else the default cache folder."""
+    return Path(path) if path else default_cache_dir()
+
+
 def check_cache_dir(path: str | Path | None) -> Path:
     """The cache folder (`path`, else the default), created and checked writable."""
-    folder = Path(path) if path is not None else default_cache_dir()
+    folder = cache_dir_or_default(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-").close()
