@@ -245,3 +245,33 @@ def test_merge_stays_finite_in_fp16_where_x_times_size_would_overflow():
     got, got_size = merge_weighted(x.half(), size.half(), kept, merged, into, prefix=1)
     torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=0)
     assert torch.equal(got_size[..., 0].double(), expected_size)
+
+
+GPU_MODES = [("cuda", dtype, autocast) for dtype in (torch.float16, torch.bfloat16) for autocast in (True, False)]
+
+
+@pytest.mark.parametrize(
+    "device,dtype,autocast",
+    [("cpu", torch.bfloat16, True)]
+    + [
+        pytest.param(*mode, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+        for mode in GPU_MODES
+    ],
+)
+def test_size_bias_reaches_the_fused_kernel_as_the_reference_math_computes_it(device, dtype, autocast):
+    """Whichever kernel SDPA picks for the log(size) mask (by device, dtype and versions: cuDNN's comes first
+    on Hopper in recent torch, and one cuDNN path misread a mask whose dtype differs from the queries') must
+    compute what its reference math backend computes. Only block 0 merges, on keys that precede any
+    attention, so the two runs merge the same tokens and differ by the kernels' rounding alone."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = methods.apply(tiny_vit(), "tome", r=6, locations=(0,)).to(device).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).to(device)
+    if not autocast:
+        model, x = model.to(dtype), x.to(dtype)
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=autocast):
+        got = model(x).float()
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = model(x).float()
+    assert model.blocks[0].state.size.max() > 1  # later blocks attended with a bias that is not all zero
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
