@@ -13,8 +13,10 @@ from click.testing import CliRunner
 
 import methods
 from bench import cli
+from harness.measure.throughput import ThroughputResult
 from harness.run import sweep as sweep_module
 from harness.run.sweep_config import with_absolute_paths
+from methods.timm_compat import applied_method
 from tests.test_accuracy import noise_tree
 
 TIMING = ["--resolutions", "64", "--device", "cpu", "--warmup", "0", "--iters", "1", "--windows", "2", "--quiet"]
@@ -102,6 +104,45 @@ def test_plot_has_one_line_per_method_and_the_ideal_beside_throughput(small_run)
     x, y = ideal[0].get_xdata(), ideal[0].get_ydata()
     assert y[x.argmax()] == pytest.approx(vanilla["img_per_s"])  # at vanilla's GMACs, vanilla's img/s
     assert y[x.argmin()] == pytest.approx(vanilla["img_per_s"] * vanilla["gmacs"] / records["gmacs"].min())
+
+
+def timed_at(img_per_s: float) -> ThroughputResult:
+    return ThroughputResult(img_per_s, img_per_s, img_per_s, 0.0, 2, 0, "cpu (fake)", {"fake": True})
+
+
+def test_each_speedup_is_its_model_over_the_vanilla_timed_with_it(tmp_path, monkeypatch):
+    """Fake timings by role (method 30 img/s, floor twin 40, vanilla 20; vanilla's own row 25): a row's
+    figures are those ratios, and each role was timed on its own model: the method as applied, the twin at
+    the method's token counts, vanilla."""
+    rates = {"method": 30.0, "floor": 40.0, "reference": 20.0}
+
+    def interleaved(models, img_size, config):
+        assert applied_method(models["method"]).name == "evit"
+        twin = applied_method(models["floor"])
+        assert twin.counts == methods.block_token_counts(models["method"], img_size)
+        assert applied_method(models["reference"]).name == "vanilla"
+        return {role: timed_at(rates[role]) for role in models}
+
+    monkeypatch.setattr(sweep_module, "measure_interleaved", interleaved)
+    monkeypatch.setattr(sweep_module, "measure_throughput", lambda model, img_size, config: timed_at(25.0))
+    assert run(tmp_path, "--methods", "evit", "--keep-rates", "0.5").exit_code == 0
+    records = pd.read_csv(tmp_path / "records.csv").set_index("method")
+    evit, vanilla = records.loc["evit"], records.loc["vanilla"]
+    assert (evit["img_per_s"], evit["reference_img_per_s"], evit["floor_img_per_s"]) == (30.0, 20.0, 40.0)
+    assert (evit["speedup"], evit["floor_speedup"]) == (1.5, 2.0)
+    assert (vanilla["img_per_s"], vanilla["speedup"], vanilla["floor_speedup"]) == (25.0, 1.0, 1.0)
+
+
+def test_macs_and_token_counts_are_counted_at_each_resolution(tmp_path):
+    result = invoke(
+        "run", *FAST, "--out", str(tmp_path), "--methods", "evit", "--keep-rates", "0.5", "--resolutions", "64,96"
+    )
+    assert result.exit_code == 0, result.output
+    records = pd.read_csv(tmp_path / "records.csv")
+    for method, patches in (("vanilla", (16, 36)), ("evit", (16, 36))):
+        rows = records[records["method"] == method].set_index("resolution")
+        assert [int(rows.loc[size, "tokens_per_block"].split()[0]) for size in (64, 96)] == [1 + p for p in patches]
+        assert rows.loc[96, "gmacs"] > rows.loc[64, "gmacs"]
 
 
 def test_rerun_resumes_without_redoing_rows(small_run, monkeypatch):

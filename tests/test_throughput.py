@@ -3,11 +3,13 @@
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
 
+from harness.measure import throughput
 from harness.measure.provenance import cpu_name, git_state, provenance, utc_now
 from harness.measure.throughput import (
     ThroughputConfig,
@@ -81,6 +83,19 @@ def test_interleaved_gives_one_result_per_model_timed_in_turn():
     assert all(r.img_per_s > 0 and r.batch_size == 4 and r.protocol["interleaved"] == 2 for r in results.values())
     timed = order[2:]  # after one warm-up pass each
     assert timed == ["a", "a", "b", "b"] * 3  # window by window: a's iters, then b's
+
+
+def test_figures_are_the_median_and_spread_of_each_windows_images_per_second(monkeypatch):
+    """With a scripted clock, window w of model m lasting SECONDS[m][w]: each window's rate is batch * iters
+    / its seconds (here 12 images / s), worked by hand below; img_per_s is their median, not their mean."""
+    seconds = {"a": [1.0, 4.0, 2.0, 0.5, 8.0], "b": [1.0, 1.5, 0.5, 4.0, 3.0]}  # rates a: 12 3 6 24 1.5; b: 12 8 24 3 4
+    ticks = iter([t for w in range(5) for m in "ab" for t in (0.0, seconds[m][w])])  # a window reads start, end
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    config = ThroughputConfig(batch_size=4, warmup=0, iters=3, windows=5)
+    results = measure_interleaved({name: tiny_vit() for name in "ab"}, 64, config)
+    a, b = results["a"], results["b"]
+    assert (a.img_per_s, a.img_per_s_min, a.img_per_s_max, a.img_per_s_iqr) == (6.0, 1.5, 24.0, 12.0 - 3.0)
+    assert (b.img_per_s, b.img_per_s_min, b.img_per_s_max, b.img_per_s_iqr) == (8.0, 3.0, 24.0, 12.0 - 4.0)
 
 
 def compiler_failure_from_oom():
