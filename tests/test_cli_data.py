@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import timm
 import torch
 from click.testing import CliRunner
 
@@ -146,3 +147,41 @@ def test_bad_data_input_is_one_clear_line_and_exit_code_2(tmp_path, make_args, m
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out" / "records.csv").exists()  # nothing half-written
     assert not (tmp_path / "cache").is_dir() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_images_changed_behind_the_same_path_are_another_data_setting(tmp_path):
+    """Vanilla's top-1 was scored on the images as they were: a method scored on others would be compared
+    with it (a file removed: 7 images against 6)."""
+    root = synset_tree(tmp_path / "val")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert run(tmp_path / "out", "--data", str(root), *cache).exit_code == 0
+    next(root.rglob("*.JPEG")).unlink()
+    refused = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            *FAST,
+            "--methods",
+            "evit",
+            "--keep-rates",
+            "0.7",
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            str(root),
+            *cache,
+        ],
+    )
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert f"measured with other files behind data={str(root)!r} (added, removed or rewritten since)" in refused.output
+
+
+def test_weights_saved_over_vanillas_checkpoint_are_another_setting(tmp_path):
+    checkpoint = tmp_path / "vanilla.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
+    assert run(tmp_path / "out", "--checkpoint", f"vanilla={checkpoint}").exit_code == 0
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
+    refused = run(tmp_path / "out", "--checkpoint", f"vanilla={checkpoint}")
+    assert refused.exit_code == 2
+    assert f"other files behind reference_checkpoint={str(checkpoint)!r}" in refused.output

@@ -1,12 +1,15 @@
 """Run records: written atomically, readable by whoever the umask lets read an ordinary file."""
 
+import json
 import os
 import stat
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
-from harness.run.records import RunStore, write_csv_atomically, write_text_atomically
+from harness.run.records import FINGERPRINTS, LOCK_FILE, RunStore, write_csv_atomically, write_text_atomically
 from methods import TokenBenchError
 
 
@@ -51,3 +54,62 @@ def test_shared_settings_bind_a_folder_once_it_holds_rows(tmp_path):
     with pytest.raises(TokenBenchError, match="holds rows measured with limit=6; this run asks for limit=4"):
         RunStore(tmp_path).check_settings({"limit": 4})
     RunStore(tmp_path).check_settings({"limit": 6})
+
+
+def test_one_run_at_a_time_writes_a_folder_and_it_starts_from_the_rows_on_disk(tmp_path):
+    """Each append rewrites records.csv from the rows its process knows: two writers at once would drop each
+    other's rows. The second is refused until the first releases the folder; a claim reads the rows afresh."""
+    first, second = RunStore.prepare(tmp_path), RunStore(tmp_path)
+    first.claim()
+    with pytest.raises(TokenBenchError, match=f"another bench run is writing to {tmp_path}: wait for it"):
+        second.claim()
+    first.append({"config_key": "k0"})
+    first.release()
+    second.claim()
+    assert second.done_keys() == {"k0"}  # not the empty folder it saw when it was made
+    second.append({"config_key": "k1"})
+    second.release()
+    assert RunStore(tmp_path).done_keys() == {"k0", "k1"}
+
+
+HOLD_LOCK = (  # another process's lock on the folder, taken with the system's own call
+    "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+    "print('held', flush=True); time.sleep(60)"
+)
+
+
+def test_a_folder_held_by_another_process_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TokenBenchError, match="another bench run is writing to"):
+            RunStore.prepare(tmp_path).claim()
+    finally:
+        holder.kill()
+        holder.wait()
+    store = RunStore(tmp_path)
+    store.claim()  # the killed holder left no lock behind
+    store.release()
+
+
+def test_new_files_behind_the_same_path_are_another_setting(tmp_path):
+    """A setting that an older run.json lacks is taken and recorded; a fingerprint that differs is refused,
+    worded as the files that changed behind the path."""
+    store = RunStore.prepare(tmp_path)
+    store.check_settings({"data": "/val"})
+    store.append({"config_key": "k0"})
+    RunStore(tmp_path).check_settings({"data": "/val", FINGERPRINTS["data"]: "abc"})
+    assert json.loads((tmp_path / "run.json").read_text()) == {"data": "/val", FINGERPRINTS["data"]: "abc"}
+    with pytest.raises(TokenBenchError, match=r"measured with other files behind data='/val' \(added, removed"):
+        RunStore(tmp_path).check_settings({"data": "/val", FINGERPRINTS["data"]: "abd"})
+
+
+@pytest.mark.parametrize("text", ['{"data": nul', "[1, 2]", "\x97\x98"])
+def test_an_unreadable_run_json_is_one_clear_error(tmp_path, text):
+    store = RunStore.prepare(tmp_path)
+    store.append({"config_key": "k0"})
+    (tmp_path / "run.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(TokenBenchError, match="cannot read .*run.json, the settings its rows were measured with"):
+        RunStore(tmp_path).check_settings({"limit": 4})

@@ -8,6 +8,7 @@ command skip them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -21,6 +22,9 @@ from methods.errors import TokenBenchError
 
 RECORDS_FILE = "records.csv"
 SETTINGS_FILE = "run.json"  # what every row of the folder shares (`RunStore.check_settings`)
+LOCK_FILE = ".lock"  # held by the one run writing to the folder (`RunStore.claim`)
+# The settings that are paths, and the key of run.json that holds a fingerprint of the files behind each.
+FINGERPRINTS = {"data": "data_files", "reference_checkpoint": "reference_checkpoint_file"}
 REFERENCE = "vanilla"  # the method every row is compared with, measured once per (model, resolution, batch size)
 
 
@@ -63,8 +67,12 @@ class RunStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORDS_FILE
+        self._rows = self.read_rows()
+        self._lock: TextIO | None = None
+
+    def read_rows(self) -> list[dict[str, Any]]:
         rows = read_table(self.path, ["config_key"], "records") if self.path.exists() else pd.DataFrame()
-        self._rows: list[dict[str, Any]] = rows.to_dict("records")  # a resume needs their keys only
+        return rows.to_dict("records")  # a resume needs their keys only
 
     @staticmethod
     def prepare(run_dir: str | Path) -> RunStore:
@@ -78,24 +86,54 @@ class RunStore:
             raise TokenBenchError(f"cannot write to output folder {folder}: {error.strerror}") from None
         return RunStore(folder)
 
+    def claim(self) -> None:
+        """Hold the folder for this process until `release`, then read its rows afresh. Each append rewrites
+        records.csv from the rows this process knows, so two runs writing to one folder at once would each
+        drop the other's rows. The lock is the system's (flock): a run that is killed leaves none behind."""
+        lock = open(self.run_dir / LOCK_FILE, "a")  # noqa: SIM115  (held open until release)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise TokenBenchError(
+                f"another bench run is writing to {self.run_dir}: wait for it to finish, or give another --out"
+            ) from None
+        self._lock = lock
+        self._rows = self.read_rows()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Record the settings every row of this folder shares (run.json) on its first run; refuse a later
-        run that asks for other ones while the folder holds rows. A folder from before run.json takes the
-        settings it is given."""
+        run that asks for other ones while the folder holds rows. A folder from before run.json, or before
+        one of its settings, takes the settings it is given (and records them)."""
         path = self.run_dir / SETTINGS_FILE
-        if not path.is_file() or not self._rows:  # no row yet (a first run stopped early): nothing to keep to
-            write_text_atomically(json.dumps(settings, indent=2, sort_keys=True), path)
-            return
-        stored = json.loads(path.read_text())
-        changed = [name for name in settings if stored.get(name) != settings[name]]
+        stored = self.stored_settings() if path.is_file() and self._rows else {}
+        changed = [name for name in settings if name in stored and stored[name] != settings[name]]
         if changed:
-            held = ", ".join(f"{name}={stored.get(name)!r}" for name in changed)
-            asked = ", ".join(f"{name}={settings[name]!r}" for name in changed)
             raise TokenBenchError(
-                f"{self.run_dir} holds rows measured with {held}; this run asks for {asked}: run with the folder's "
-                f"settings, or give another --out (a folder holds one setting of these, so that each row is "
-                f"compared with its own vanilla)"
+                f"{self.run_dir} holds rows measured with {describe_settings(changed, stored, settings)}: run with "
+                f"the folder's settings, or give another --out (a folder holds one setting of these, so that each "
+                f"row is compared with its own vanilla)"
             )
+        if settings != stored:
+            write_text_atomically(json.dumps({**stored, **settings}, indent=2, sort_keys=True), path)
+
+    def stored_settings(self) -> dict[str, Any]:
+        path = self.run_dir / SETTINGS_FILE
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            stored = error
+        if not isinstance(stored, dict):
+            raise TokenBenchError(
+                f"cannot read {path}, the settings its rows were measured with ({stored}): restore it, or delete "
+                f"it to have this run's settings recorded in its place"
+            )
+        return stored
 
     def done_keys(self) -> set[str]:
         return {row["config_key"] for row in self._rows}
@@ -103,6 +141,18 @@ class RunStore:
     def append(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
         write_csv_atomically(pd.DataFrame(self._rows), self.path)
+
+
+def describe_settings(changed: Sequence[str], stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    """'name=held; this run asks for name=asked'; where only fingerprints differ, that the files behind those
+    paths changed (another limit or label file changes the data's fingerprint too, but says more)."""
+    paths = {fingerprint: name for name, fingerprint in FINGERPRINTS.items()}
+    values = [name for name in changed if name not in paths]
+    if not values:
+        files = ", ".join(f"{paths[name]}={asked[paths[name]]!r}" for name in changed)
+        return f"other files behind {files} (added, removed or rewritten since)"
+    held = ", ".join(f"{name}={stored.get(name)!r}" for name in values)
+    return f"{held}; this run asks for {', '.join(f'{name}={asked[name]!r}' for name in values)}"
 
 
 # What report, plot and check read from every record; older records lack some later columns, which

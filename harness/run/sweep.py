@@ -60,9 +60,11 @@ def floor_twin(reference: nn.Module, counts: methods.BlockTokenCounts) -> nn.Mod
 
 
 def pending_jobs(sweep: SweepConfig, store: RunStore | None) -> list[Job]:
-    """The jobs `store` has no row for, once its folder is known to hold this sweep's shared settings."""
+    """The jobs `store` has no row for, once this process holds its folder (`RunStore.claim`, until the sweep's
+    end) and knows that it holds this sweep's shared settings."""
     if store is None:
         return sweep.jobs()
+    store.claim()
     store.check_settings(sweep.shared_settings())
     done = {with_absolute_paths(key) for key in store.done_keys()}
     return [job for job in sweep.jobs() if config_key(sweep, job) not in done]
@@ -201,6 +203,14 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
     list of pending jobs, so that their accuracy all-reduces pair up; only rank 0 keeps the rows. A
     store whose folder holds rows of other shared settings (`SweepConfig.shared_settings`) is refused.
     """
+    try:
+        yield from measure_pending(sweep, store, progress)
+    finally:
+        if store is not None:
+            store.release()
+
+
+def measure_pending(sweep: SweepConfig, store: RunStore | None, progress: bool) -> Iterator[dict[str, Any]]:
     todo = on_main_process(lambda: pending_jobs(sweep, store))
     if sweep.data is not None and not sweep.checkpoints:
         warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
