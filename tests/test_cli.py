@@ -95,15 +95,42 @@ def test_plot_has_one_line_per_method_and_the_ideal_beside_throughput(small_run)
     records = read_records(small_run)
     figure = trade_off_figure(records)
     panels = {(ax.get_xlabel(), ax.get_ylabel()): ax for ax in figure.axes}
-    assert set(panels) == {("keep rate", "throughput (img/s)"), ("keep rate", "GMACs"), ("GMACs", "throughput (img/s)")}
+    throughput = "throughput (img/s): vanilla's x speedup"
+    assert set(panels) == {("keep rate", throughput), ("keep rate", "GMACs"), ("GMACs", throughput)}
     for ax in panels.values():
         lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 2]
         assert len(lines) == 2  # evit and prune, each across its two keep rates
-    ideal = [line for line in panels["GMACs", "throughput (img/s)"].get_lines() if line.get_label() == IDEAL_LABEL]
+    ideal = [line for line in panels["GMACs", throughput].get_lines() if line.get_label() == IDEAL_LABEL]
     vanilla = records[records["method"] == "vanilla"].iloc[0]
+    base = records["reference_img_per_s"].median()
     x, y = ideal[0].get_xdata(), ideal[0].get_ydata()
-    assert y[x.argmax()] == pytest.approx(vanilla["img_per_s"])  # at vanilla's GMACs, vanilla's img/s
-    assert y[x.argmin()] == pytest.approx(vanilla["img_per_s"] * vanilla["gmacs"] / records["gmacs"].min())
+    assert y[x.argmax()] == pytest.approx(base)  # at vanilla's GMACs, vanilla's img/s
+    assert y[x.argmin()] == pytest.approx(base * vanilla["gmacs"] / records["gmacs"].min())
+
+
+def test_plotted_throughput_follows_the_speedups_not_each_rows_own_windows():
+    """evit 0.7's own windows ran on a machine twice as fast (225 img/s) as vanilla's own row (100): plotted
+    at the vanilla img/s (the median of the vanilla runs timed beside each row: 100, 200, 100) x its
+    speedup, it sits where its speedup says, 1.125 x vanilla, not 2.25 x."""
+    from harness.run.plot import trade_off_figure
+
+    group = pd.DataFrame(
+        {
+            "method": ["vanilla", "evit", "evit"],
+            "keep_rate": [1.0, 0.7, 0.5],
+            "img_per_s": [100.0, 225.0, 150.0],
+            "reference_img_per_s": [100.0, 200.0, 100.0],
+            "speedup": [1.0, 1.125, 1.5],
+            "gmacs": [4.6, 3.0, 2.3],
+            "top1": [float("nan")] * 3,
+            **{"device": "cpu", "model": "deit_small_patch16_224", "resolution": 224, "batch_size": 8},
+            **{"batch_size_requested": "8", "mode": "fp32 weights, eager"},
+        }
+    )
+    panels = {(ax.get_xlabel(), ax.get_ylabel()): ax for ax in trade_off_figure(group).axes}
+    ax = panels["keep rate", "throughput (img/s): vanilla's x speedup"]
+    (evit,) = [line for line in ax.get_lines() if len(line.get_xdata()) == 2]
+    assert sorted(zip(evit.get_xdata(), evit.get_ydata())) == [(0.5, 150.0), (0.7, 112.5)]
 
 
 def timed_at(img_per_s: float) -> ThroughputResult:
