@@ -255,6 +255,43 @@ def test_check_names_baseline_rows_the_run_lacks(small_run, tmp_path):
     assert result.exit_code == 1 and "MISSING evit keep=0.3" in result.output
 
 
+@pytest.mark.parametrize("factor,regressed", [(1.05, False), (1.15, True)])
+def test_check_allows_ten_percent_by_default(small_run, tmp_path, factor, regressed):
+    baseline = tmp_path / "baseline.csv"
+    invoke("check", str(small_run), "--baseline", str(baseline), "--update")
+    planted = pd.read_csv(baseline)
+    planted.loc[planted["method"] == "prune", "speedup"] *= factor  # 0.95 or 0.87 of it measured
+    planted.to_csv(baseline, index=False)
+    result = invoke("check", str(small_run), "--baseline", str(baseline))
+    assert result.exit_code == (1 if regressed else 0), result.output
+
+
+def test_a_tolerance_that_would_pass_everything_is_refused(small_run, tmp_path):
+    baseline = tmp_path / "baseline.csv"
+    invoke("check", str(small_run), "--baseline", str(baseline), "--update")
+    result = invoke("check", str(small_run), "--baseline", str(baseline), "--tolerance", "1.0")
+    assert result.exit_code == 2 and "tolerance must be in [0, 1), got 1.0" in result.output
+
+
+def test_check_matches_rows_that_differ_by_checkpoint_each_to_its_own(small_run, tmp_path):
+    """A folder where evit ran on vanilla's weights and, in a later run, on a checkpoint of its own: the
+    baseline written from it keeps the two apart, and a regression names the weights it was measured on."""
+    run_dir, baseline = tmp_path / "run", tmp_path / "baseline.csv"
+    run_dir.mkdir()
+    records = pd.read_csv(small_run / "records.csv")
+    evit = records[(records["method"] == "evit") & (records["keep_rate"] == 0.5)]
+    records = pd.concat([records, evit.assign(checkpoint="/w/evit.pth", speedup=evit["speedup"] * 2)])
+    records.to_csv(run_dir / "records.csv", index=False)
+    assert invoke("check", str(run_dir), "--baseline", str(baseline), "--update").exit_code == 0
+    assert invoke("check", str(run_dir), "--baseline", str(baseline)).exit_code == 0
+    planted = pd.read_csv(baseline)
+    planted.loc[planted["checkpoint"] == "/w/evit.pth", "speedup"] *= 1.5
+    planted.to_csv(baseline, index=False)
+    failed = invoke("check", str(run_dir), "--baseline", str(baseline))
+    regressions = [line for line in failed.output.splitlines() if line.startswith("REGRESSION")]
+    assert failed.exit_code == 1 and len(regressions) == 1 and "weights /w/evit.pth" in regressions[0]
+
+
 def test_yaml_sweep_file_with_options_overriding_it(tmp_path):
     config = tmp_path / "sweep.yaml"
     config.write_text("methods: [prune]\nkeep-rates: [0.5, 0.9]\nmethod_args:\n  prune:\n    locations: [1, 2]\n")

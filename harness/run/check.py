@@ -16,8 +16,9 @@ from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
 # Axes added later: a baseline that has them is matched on them too; an older one, written when a run
-# had one batch size and mode, is matched without them.
-OPTIONAL_KEY = ["batch_size_requested", "model_dtype", "cuda_graphs", "compile"]
+# had one batch size and mode, is matched without them. The checkpoint tells apart rows of one method
+# measured on other weights in one folder.
+OPTIONAL_KEY = ["batch_size_requested", "model_dtype", "cuda_graphs", "compile", "checkpoint"]
 BASELINE_COLUMNS = [*KEY, "keep_rate", "speedup"]
 
 
@@ -34,7 +35,9 @@ class CheckResult:
 
 def describe(row: pd.Series) -> str:
     batch = f" batch {row['batch_size_requested']}" if "batch_size_requested" in row else ""
-    return f"{row['method']} keep={row['keep_rate']:g} @{row['resolution']}{batch} {row['device']}/{row['precision']}"
+    weights = f" weights {row['checkpoint']}" if row.get("checkpoint") else ""
+    where = f"{row['device']}/{row['precision']}"
+    return f"{row['method']} keep={row['keep_rate']:g} @{row['resolution']}{batch} {where}{weights}"
 
 
 def key_columns(baseline: pd.DataFrame, measured: pd.DataFrame) -> list[str]:
@@ -42,10 +45,13 @@ def key_columns(baseline: pd.DataFrame, measured: pd.DataFrame) -> list[str]:
 
 
 def as_key_types(frame: pd.DataFrame) -> pd.DataFrame:
-    """Batch sizes read back as ints or strings ("max") alike; compare them as text."""
+    """Batch sizes read back as ints or strings ("max") alike, and no checkpoint as an empty cell: compare
+    them as text."""
     frame = frame.copy()
     if "batch_size_requested" in frame:
         frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
+    if "checkpoint" in frame:
+        frame["checkpoint"] = frame["checkpoint"].fillna("").astype(str)
     return frame
 
 
@@ -59,10 +65,14 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
     on = key_columns(expected, measured)
     ambiguous = measured[measured.duplicated(on, keep=False)]
     if not ambiguous.empty:
-        lacking = [column for column in OPTIONAL_KEY if column not in expected]
+        lacking = [column for column in OPTIONAL_KEY if column not in expected and column in measured]
+        if not lacking:
+            raise TokenBenchError(
+                f"the run holds several rows of {describe(ambiguous.iloc[0])}: check each from its own folder"
+            )
         raise TokenBenchError(
             f"the baseline matches {describe(ambiguous.iloc[0])} to several rows of the run (it lacks the columns "
-            f"{', '.join(lacking)}): write it again with --update from a run of one batch size and mode"
+            f"{', '.join(lacking)}): write it again with --update from a run of one batch size, mode and checkpoint"
         )
     merged = expected.merge(measured[[*on, "speedup"]], on=on, how="left", suffixes=("", "_run"))
     merged = merged[merged["method"] != REFERENCE]
