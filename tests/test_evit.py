@@ -82,15 +82,18 @@ def test_distillation_token_is_never_dropped(name):
     torch.manual_seed(0)
     model = peaked_attention(timm.create_model("deit_tiny_distilled_patch16_224"))
     images = torch.randn(2, 3, 224, 224)
-    methods.apply(model, name, keep_rate=0.5)
-    captured = {}
-    model.blocks[3].mlp.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    methods.apply(model, name, keep_rate=0.7)
+    block, captured = model.blocks[3], {}
+    block.register_forward_pre_hook(lambda m, args: captured.setdefault("in", args[0]))
+    block.norm2.register_forward_pre_hook(lambda m, args: captured.setdefault("selected", args[0]))
     with torch.no_grad():
         logits = model(images)
+        attended = captured["in"] + block.attn(block.norm1(captured["in"]))  # [B, 198, C] before the selection
     assert logits.shape == (2, 1000)
     extra = 1 if name == "evit" else 0
-    assert methods.token_counts(model, 224)[3] == 2 + 98 + extra  # CLS and distillation token stay
-    assert captured["x"].shape[1] == 2 + 98 + extra
+    assert methods.token_counts(model, 224)[3] == 2 + 138 + extra  # ceil(0.7 * 196) of the patches, not of 197
+    assert captured["selected"].shape[1] == 2 + 138 + extra
+    torch.testing.assert_close(captured["selected"][:, :2], attended[:, :2])  # CLS and distillation token, in place
 
 
 @pytest.mark.parametrize("kwargs", [dict(init_values=1e-1), dict(qk_norm=True), dict(init_values=0.5, qk_norm=True)])

@@ -118,6 +118,13 @@ def test_r_is_capped_at_half_the_mergeable_tokens():
     assert methods.token_counts(model, 64) == [1 + 8, 1 + 4, 1 + 2, 1 + 1]
 
 
+def test_an_odd_number_of_mergeable_tokens_caps_r_below_half():
+    """9 patches (48 px): at most 4 merge, as ToMe caps r at (N - prefix) // 2; a fifth would be the class
+    token's A slot, whose matches are -inf."""
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(6))
+    assert_matches_reference(tiny_vit(img_size=48), images, [100] * 4, r=100)
+
+
 @pytest.mark.parametrize("options", [dict(), dict(r=13), dict(keep_rate=0.2), dict(r=[13] * 12)])
 def test_deit_small_token_counts(options):
     model = methods.apply(timm.create_model("deit_small_patch16_224"), "tome", **options)
