@@ -77,6 +77,34 @@ def test_flat_folder_with_labels_csv(tmp_path):
     assert load_imagenet_folder(tmp_path / "val", None, labels_csv=headless).samples == dataset.samples
 
 
+def test_a_labels_csv_header_is_exactly_filename_label_and_a_bom_is_no_part_of_a_name(tmp_path):
+    for name in ("a.JPEG", "b.JPEG"):
+        write_image(tmp_path / "val" / name, 0)
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes("\ufeff Filename , Label\r\na.JPEG,1\r\nb.JPEG,2\r\n".encode())
+    samples = load_imagenet_folder(tmp_path / "val", None, labels_csv=labels).samples
+    assert [(path.name, label) for path, label in samples] == [("a.JPEG", 1), ("b.JPEG", 2)]
+    labels.write_bytes("\ufeffa.JPEG,1\nb.JPEG,2\n".encode())
+    assert load_imagenet_folder(tmp_path / "val", None, labels_csv=labels).samples == samples
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"a.JPEG,-1\nb.JPEG,3\n", "labels.csv, line 1: 'a.JPEG,-1' is not 'filename,label' with a class index"),
+        (b"b.JPEG,3\na.JPEG,-1\n", "labels.csv, line 2: 'a.JPEG,-1' is not 'filename,label' with a class index"),
+        (b"file,class\na.JPEG,1\n", "line 1: 'file,class' is not .* the header filename,label"),
+        (b"\x97\xeeK\x8f\xccRJP}|\xaf", "labels.csv is not a text file of filename,label rows"),
+    ],
+)
+def test_every_labels_csv_row_but_an_exact_header_is_checked(tmp_path, content, message):
+    for name in ("a.JPEG", "b.JPEG"):
+        write_image(tmp_path / "val" / name, 0)
+    (tmp_path / "labels.csv").write_bytes(content)
+    with pytest.raises(TokenBenchError, match=message):
+        load_imagenet_folder(tmp_path / "val", None, labels_csv=tmp_path / "labels.csv")
+
+
 def test_limit_takes_a_fixed_seeded_subset(tmp_path):
     root = make_tree(tmp_path, per_class=6, corrupt=False)
     full = load_imagenet_folder(root, None).samples

@@ -28,6 +28,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", "
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 Sample = tuple[Path, int]
+LABELS_HEADER = ("filename", "label")  # a labels CSV's optional first line, in any case
 
 
 class Batch(NamedTuple):
@@ -98,7 +99,7 @@ def load_imagenet_folder(
     real_labels: str | Path | None = None,
 ) -> ImageDataset:
     """The images under `root`, labelled by class folder or by `labels_csv` (`filename,label` rows,
-    filenames relative to `root`, an optional header). `limit`: only the first `limit` images of a
+    filenames relative to `root`, an optional header `filename,label`). `limit`: only the first `limit` images of a
     permutation fixed by `seed` and the file names, so every run and machine takes the same subset.
     `real_labels`: ImageNet-ReaL's JSON file, one entry per image of the whole folder."""
     root = Path(root)
@@ -141,17 +142,15 @@ def folder_samples(root: Path) -> tuple[list[Sample], list[str], str]:
 
 
 def csv_samples(root: Path, labels_csv: Path) -> list[Sample]:
-    if not labels_csv.is_file():
-        raise TokenBenchError(f"labels CSV {labels_csv} does not exist")
-    with labels_csv.open(newline="") as file:
-        rows = [row for row in csv.reader(file) if any(cell.strip() for cell in row)]
-    if rows and (len(rows[0]) < 2 or parse_label(rows[0][1]) is None):
-        rows = rows[1:]  # a header
+    """The `filename,label` rows of `labels_csv`, each checked, as samples under `root`."""
     samples = []
-    for row in rows:
+    for line, row in csv_rows(labels_csv):
         label = parse_label(row[1]) if len(row) >= 2 else None
         if label is None:
-            raise TokenBenchError(f"{labels_csv}: row {row!r} is not 'filename,label' with a class index >= 0")
+            raise TokenBenchError(
+                f"{labels_csv}, line {line}: {','.join(row)!r} is not 'filename,label' with a class index >= 0 "
+                f"(the first line may instead be the header {','.join(LABELS_HEADER)})"
+            )
         samples.append((root / row[0].strip(), label))
     if not samples:
         raise TokenBenchError(f"labels CSV {labels_csv} lists no images")
@@ -159,6 +158,23 @@ def csv_samples(root: Path, labels_csv: Path) -> list[Sample]:
     if missing:
         raise TokenBenchError(f"{labels_csv} names {len(missing)} file(s) not found in {root}, e.g. {missing[0].name}")
     return samples
+
+
+def csv_rows(labels_csv: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a labels CSV with their line numbers, less a first row that is exactly the
+    header: any other first row is data, so a malformed one is not mistaken for a header. A BOM that an
+    editor wrote at the start is not part of the first file name."""
+    if not labels_csv.is_file():
+        raise TokenBenchError(f"labels CSV {labels_csv} does not exist")
+    try:
+        with labels_csv.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise TokenBenchError(f"labels CSV {labels_csv} is not a text file of filename,label rows: {error}") from None
+    if rows and [cell.strip().lower() for cell in rows[0][1]] == list(LABELS_HEADER):
+        rows = rows[1:]
+    return rows
 
 
 def parse_label(text: str) -> int | None:
