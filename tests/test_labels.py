@@ -64,6 +64,9 @@ def test_other_names_take_their_sorted_position():
         (["n00000000", "n00000001"], 3, "'n00000000' is neither"),
         (["n01440764", "n01443537"], 10, "the class folders are ImageNet synsets, which name ImageNet-1k classes"),
         (["0", "3", "10"], 10, "class folder 10 names class 10, beyond the model's 10 classes"),
+        (["3", "n01440764"], 1000, "mix two layouts: ImageNet synsets \\(n01440764\\) and class indices \\(3\\)"),
+        (["3", "n01440764", "n01443537"], 3, "mix two layouts"),  # sorted order would fit the count, wrongly
+        (["3", "cat", "n01440764"], 10, "'cat' is neither"),
     ],
 )
 def test_folders_that_do_not_fit_the_model_are_clear_errors(tmp_path, names, num_classes, message):

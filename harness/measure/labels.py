@@ -5,7 +5,8 @@ A class folder's name decides its index by the first rule that fits every folder
   so any subset of the 1000 classes (Imagenette, ImageNet-100, ImageNet-A/R) scores a 1000-class model;
 - `index`: integers (ImageNetV2's `0` ... `999`) are the index itself, not their place in sorted order;
 - `sorted`: any other names take their position in sorted order, which only means something when
-  they are exactly the model's classes, so their count must equal the model's.
+  they are exactly the model's classes, so their count must equal the model's; synsets mixed with
+  integers are refused, as sorted order would misread both.
 A flat folder labelled by a CSV file is `csv`.
 """
 
@@ -39,7 +40,7 @@ def folder_labels(names: Sequence[str]) -> tuple[dict[str, int], str]:
     synsets = imagenet_synsets()
     if all(name in synsets for name in names):
         return {name: synsets[name] for name in names}, "synset"
-    if all(name.isascii() and name.isdigit() for name in names):
+    if all(is_index(name) for name in names):
         return {name: int(name) for name in names}, "index"
     return {name: index for index, name in enumerate(sorted(names))}, "sorted"
 
@@ -57,14 +58,38 @@ def check_labels_fit(source: str, classes: Sequence[str], num_classes: int) -> N
             f"class folder {largest} names class {int(largest)}, beyond the model's {num_classes} classes "
             f"(integer folders are class indices, as in ImageNetV2: 0 ... {num_classes - 1})"
         )
-    if source == "sorted" and len(classes) != num_classes:
-        stranger = next((name for name in sorted(classes) if name not in imagenet_synsets()), sorted(classes)[0])
+    if source == "sorted":
+        check_sorted_names(classes, num_classes)
+
+
+def check_sorted_names(classes: Sequence[str], num_classes: int) -> None:
+    """Names that fit no rule are read in sorted order: refuse a mix of the two layouts (a synset folder
+    beside an integer one), which sorted order would silently misread, and a count that is not the model's."""
+    synsets = [name for name in sorted(classes) if name in imagenet_synsets()]
+    indices = sorted((name for name in classes if is_index(name)), key=int)
+    others = [name for name in sorted(classes) if name not in synsets and name not in indices]
+    if synsets and indices and not others:
+        raise TokenBenchError(
+            f"the class folder names mix two layouts: ImageNet synsets ({examples(synsets)}) and class indices "
+            f"({examples(indices)}); name every folder one way"
+        )
+    if len(classes) != num_classes:
         raise TokenBenchError(
             f"the image folder has {len(classes)} class folders but the model predicts {num_classes} classes: "
             f"the folder names fit no rule (ImageNet synsets such as n01440764, or class indices 0 ... "
-            f"{num_classes - 1}; {stranger!r} is neither), and other names are read in sorted order, which "
+            f"{num_classes - 1}; {others[0]!r} is neither), and other names are read in sorted order, which "
             f"needs exactly one folder per class"
         )
+
+
+def examples(names: Sequence[str], shown: int = 3) -> str:
+    """The first few names, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def is_index(name: str) -> bool:
+    return name.isascii() and name.isdigit()
 
 
 def check_has_classifier(model: nn.Module) -> None:
