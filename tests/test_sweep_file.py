@@ -53,11 +53,41 @@ def test_method_options_keep_their_lists_as_tuples(tmp_path):
         ("colour: red", "unknown keys colour; allowed: models, methods"),
         ("[1, 2]", "must hold a mapping of option names to values"),
         ("a: [", "cannot read sweep file"),
+        ("checkpoint: {evit: 5}", "checkpoint must map method names to file paths"),
+        ("labels: 5", "labels must be a file path, got 5"),
+        ("labels: a.csv\nlabels_csv: b.csv", "give labels or labels_csv, not both"),
+        ("quiet: true", "unknown keys quiet; allowed: .*, labels, .*, checkpoint, method_args"),
     ],
 )
 def test_a_wrong_type_is_one_clear_error(tmp_path, text, message):
     with pytest.raises(TokenBenchError, match=message.replace("[", r"\[").replace("(", r"\(")):
         read_sweep_file(sweep_file(tmp_path, text))
+
+
+def test_names_are_the_options_and_sweep_configs_older_ones_still_read(tmp_path):
+    text = "labels: a.csv\ncheckpoint: {vanilla: v.pth}\nmethod-args: {evit: {locations: [2]}}\n"
+    options = {"evit": {"locations": (2,)}}
+    expected = {"labels_csv": "a.csv", "checkpoints": {"vanilla": "v.pth"}, "method_args": options}
+    assert read_sweep_file(sweep_file(tmp_path, text)) == expected
+    older = text.replace("labels:", "labels_csv:").replace("checkpoint:", "checkpoints:")
+    assert read_sweep_file(sweep_file(tmp_path, older)) == expected
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"model: [a\n", "sweep.yaml, line 2, column 1: expected ',' or ']', but got '<stream end>' (while parsing"),
+        (b"a: b\n c: d\n", "sweep.yaml, line 2, column 3: mapping values are not allowed here"),
+        (b"a: \x07\n", "sweep.yaml: unacceptable character #x0007: special characters are not allowed"),
+        (b"\x87\x8a-\xbe|r", "sweep.yaml is not UTF-8 text: invalid start byte at byte 0"),
+    ],
+)
+def test_a_file_that_is_not_yaml_is_one_line_naming_it_and_where(tmp_path, content, message):
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(content)
+    with pytest.raises(TokenBenchError) as error:
+        read_sweep_file(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_the_cli_says_it_in_one_line(tmp_path):
