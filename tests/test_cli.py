@@ -15,6 +15,7 @@ import methods
 from bench import cli
 from harness.measure.throughput import ThroughputResult
 from harness.run import sweep as sweep_module
+from harness.run.records import RECORD_COLUMNS
 from harness.run.sweep_config import with_absolute_paths
 from methods.timm_compat import applied_method
 from tests.test_accuracy import noise_tree
@@ -613,7 +614,18 @@ def empty_records(folder):
     return "cannot read records"
 
 
-@pytest.mark.parametrize("make", [foreign_records, empty_records])
+def header_only_records(folder):
+    (folder / "records.csv").write_text(",".join(RECORD_COLUMNS) + "\n")
+    return "no rows in records"
+
+
+def text_in_a_number(folder):
+    vanilla = "m,vanilla,1.0,64,cpu,fp32,2,1.2,10.0,1.0,k1"
+    (folder / "records.csv").write_text(f"{','.join(RECORD_COLUMNS)}\n{vanilla}\n{vanilla.replace('1.2', 'x')}\n")
+    return "column gmacs holds 'x' on line 3, not a number"
+
+
+@pytest.mark.parametrize("make", [foreign_records, empty_records, header_only_records, text_in_a_number])
 @pytest.mark.parametrize("command", [["report"], ["plot"], ["check", "--baseline", "results/baselines/cpu-ci.csv"]])
 def test_a_malformed_records_file_is_one_clear_line(tmp_path, make, command):
     message = make(tmp_path)
@@ -627,6 +639,12 @@ def test_a_malformed_baseline_or_a_folder_for_one_is_one_clear_line(small_run, t
     assert result.exit_code == 2 and "lack the columns method, method_options" in result.output
     result = CliRunner().invoke(cli, ["check", str(small_run), "--baseline", str(tmp_path), "--update"])
     assert result.exit_code == 2 and "is a folder: give the path of a CSV file" in result.output
+    baseline = pd.read_csv("results/baselines/cpu-ci.csv")
+    baseline["speedup"] = baseline["speedup"].astype(object)
+    baseline.loc[1, "speedup"] = "abc"
+    baseline.to_csv(tmp_path / "baseline.csv", index=False)
+    result = CliRunner().invoke(cli, ["check", str(small_run), "--baseline", str(tmp_path / "baseline.csv")])
+    assert result.exit_code == 2 and "column speedup holds 'abc' on line 3, not a number" in result.output
 
 
 def test_macs_are_counted_once_for_all_batch_sizes(tmp_path, monkeypatch):

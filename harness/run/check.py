@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.run.records import REFERENCE, read_records, read_table, write_csv_atomically
+from harness.run.records import REFERENCE, read_records, read_rows, write_csv_atomically
 from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
@@ -60,7 +60,7 @@ def check_run(run: str | Path, baseline: str | Path, tolerance: float = 0.10) ->
         raise TokenBenchError(f"tolerance must be in [0, 1), got {tolerance}")
     if not Path(baseline).is_file():
         raise TokenBenchError(f"no baseline at {baseline}: write one with `bench check RUN --baseline FILE --update`")
-    expected = as_key_types(read_table(Path(baseline), BASELINE_COLUMNS, "baseline"))
+    expected = as_key_types(read_rows(Path(baseline), BASELINE_COLUMNS, "baseline"))
     measured = as_key_types(read_records(run))
     on = key_columns(expected, measured)
     ambiguous = measured[measured.duplicated(on, keep=False)]

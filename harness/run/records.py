@@ -159,6 +159,12 @@ def describe_settings(changed: Sequence[str], stored: dict[str, Any], asked: dic
 # `report.with_group_columns` fills in.
 RECORD_COLUMNS = ["model", "method", "keep_rate", "resolution", "device", "precision", "batch_size", "gmacs"]
 RECORD_COLUMNS += ["img_per_s", "speedup", "config_key"]
+# Read as numbers wherever a records file or baseline holds them: a stray text cell would otherwise
+# surface as a TypeError deep inside report, plot or check. Empty cells (no --data: no top-1) are NaN.
+NUMERIC_COLUMNS = ["keep_rate", "resolution", "batch_size", "oom_halvings", "macs", "gmacs", "img_per_s"]
+NUMERIC_COLUMNS += ["img_per_s_min", "img_per_s_max", "img_per_s_iqr", "reference_img_per_s", "speedup"]
+NUMERIC_COLUMNS += ["floor_img_per_s", "floor_speedup", "top1", "top5", "images", "skipped", "top1_real"]
+NUMERIC_COLUMNS += ["real_images", "eval_img_per_s", "decode_s"]
 
 
 def read_records(run: str | Path, also: Sequence[str] = ()) -> pd.DataFrame:
@@ -168,7 +174,30 @@ def read_records(run: str | Path, also: Sequence[str] = ()) -> pd.DataFrame:
         path = path / RECORDS_FILE
     if not path.is_file():
         raise TokenBenchError(f"no records at {path}: run `bench run --out {Path(run)}` first")
-    return read_table(path, [*RECORD_COLUMNS, *also], "records")
+    return read_rows(path, [*RECORD_COLUMNS, *also], "records")
+
+
+def read_rows(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
+    """`read_table` for the tools that read results (report, plot, check): at least one row, and the
+    NUMERIC_COLUMNS it holds as numbers, or one error naming the column and the first line that is not."""
+    frame = read_table(path, columns, what)
+    if frame.empty:
+        raise TokenBenchError(f"no rows in {what} {path}: it holds only its header")
+    for column in NUMERIC_COLUMNS:
+        if column in frame:
+            frame[column] = as_numbers(frame[column], path, what)
+    return frame
+
+
+def as_numbers(values: pd.Series, path: Path, what: str) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    text = values.notna() & numbers.isna()
+    if text.any():
+        row = int(text.to_numpy().argmax())
+        raise TokenBenchError(
+            f"{what} {path}: column {values.name} holds {values.iloc[row]!r} on line {row + 2}, not a number"
+        )
+    return numbers
 
 
 def read_table(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
