@@ -281,7 +281,10 @@ def parse_batch_size_option(value: str) -> int | str:
 @click.argument("run", type=click.Path())
 @user_errors
 def report_command(run: str) -> None:
-    """Per resolution: speedup and MAC reduction against vanilla, top-1 change (CSV + Markdown)."""
+    """Per resolution: speedup and MAC reduction against vanilla, top-1 change (CSV + Markdown).
+
+    RUN is a run folder, or a records CSV given directly; the files are written beside its records.
+    """
     from harness.run.report import write_report
 
     click.echo(write_report(run))
@@ -291,7 +294,10 @@ def report_command(run: str) -> None:
 @click.argument("run", type=click.Path())
 @user_errors
 def plot_command(run: str) -> None:
-    """Trade-off figures (PNG and SVG): top-1 vs throughput and vs GMACs, or cost vs keep rate."""
+    """Trade-off figures (PNG and SVG): top-1 vs throughput and vs GMACs, or cost vs keep rate.
+
+    RUN is a run folder, or a records CSV given directly; the files are written beside its records.
+    """
     from harness.run.plot import plot_run
 
     for path in plot_run(run):
@@ -305,7 +311,10 @@ def plot_command(run: str) -> None:
 @click.option("--update", is_flag=True, help="Write the run's speedups as the baseline instead of checking.")
 @user_errors
 def check_command(run: str, baseline: str, tolerance: float, update: bool) -> None:
-    """Compare each method's speedup over vanilla with a baseline; exit 1 on a regression."""
+    """Compare each method's speedup over vanilla with a baseline; exit 1 on a regression.
+
+    RUN is a run folder, or a records CSV given directly.
+    """
     from harness.run.check import check_run, update_baseline
 
     if update:

@@ -134,6 +134,15 @@ def test_plotted_throughput_follows_the_speedups_not_each_rows_own_windows():
     assert sorted(zip(evit.get_xdata(), evit.get_ydata())) == [(0.5, 150.0), (0.7, 112.5)]
 
 
+def test_report_and_plot_take_a_records_csv_and_write_beside_it(small_run, tmp_path):
+    loose = tmp_path / "loose.csv"
+    loose.write_bytes((small_run / "records.csv").read_bytes())
+    assert invoke("report", str(loose)).exit_code == 0 and invoke("report", str(small_run)).exit_code == 0
+    assert pd.read_csv(tmp_path / "report.csv").equals(pd.read_csv(small_run / "report.csv"))
+    assert invoke("plot", str(loose)).exit_code == 0 and (tmp_path / "tradeoff_64.png").is_file()
+    assert "RUN is a run folder, or a records CSV" in invoke("report", "--help").output
+
+
 def timed_at(img_per_s: float) -> ThroughputResult:
     return ThroughputResult(img_per_s, img_per_s, img_per_s, 0.0, 2, 0, "cpu (fake)", {"fake": True})
 

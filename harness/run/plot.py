@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.run.records import REFERENCE, read_records  # noqa: E402
+from harness.run.records import REFERENCE, output_folder, read_records  # noqa: E402
 from harness.run.report import with_group_columns  # noqa: E402
 
 THROUGHPUT = "vanilla_img_per_s_x_speedup"  # the throughput plotted (`with_comparable_throughput`)
@@ -123,11 +123,11 @@ def slug(values: list[object]) -> str:
 
 
 def plot_run(run: str | Path) -> list[Path]:
-    """Write the figures (PNG and SVG) into the run folder and return their paths:
-    tradeoff_<...>.png per group and, with several batch sizes, speedup_vs_batch_<...>.png. The names
-    carry the resolution and whichever of model, batch size and mode vary within the run."""
-    run_dir = Path(run)
-    records = with_group_columns(read_records(run_dir))
+    """Write the figures (PNG and SVG) into the run folder (beside a records CSV given directly) and
+    return their paths: tradeoff_<...>.png per group and, with several batch sizes, speedup_vs_batch_<...>.png.
+    The names carry the resolution and whichever of model, batch size and mode vary within the run."""
+    records = with_group_columns(read_records(run))
+    run_dir = output_folder(run)
     varying = [column for column in ("device", "model", "mode") if records[column].nunique() > 1]
     several_batches = records["batch_size_requested"].nunique() > 1
     figures: list[tuple[str, Figure]] = []

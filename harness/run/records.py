@@ -177,6 +177,12 @@ def read_records(run: str | Path, also: Sequence[str] = ()) -> pd.DataFrame:
     return read_rows(path, [*RECORD_COLUMNS, *also], "records")
 
 
+def output_folder(run: str | Path) -> Path:
+    """Where report and plot write: the run folder, or the folder holding a records CSV given directly."""
+    path = Path(run)
+    return path.parent if path.is_file() else path
+
+
 def read_rows(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
     """`read_table` for the tools that read results (report, plot, check): at least one row, and the
     NUMERIC_COLUMNS it holds as numbers, or one error naming the column and the first line that is not."""

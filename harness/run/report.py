@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.run.records import REFERENCE, read_records, write_csv_atomically, write_text_atomically
+from harness.run.records import REFERENCE, output_folder, read_records, write_csv_atomically, write_text_atomically
 from methods.errors import TokenBenchError
 
 GROUP = ["device", "model", "resolution", "batch_size_requested", "mode"]
@@ -96,9 +96,10 @@ def format_markdown(report: pd.DataFrame) -> str:
 
 
 def write_report(run: str | Path) -> str:
-    """Write report.csv and report.md into the run folder and return the Markdown."""
-    run_dir = Path(run)
-    report = build_report(read_records(run_dir))
+    """Write report.csv and report.md into the run folder (beside a records CSV given directly) and
+    return the Markdown."""
+    report = build_report(read_records(run))
+    run_dir = output_folder(run)
     write_csv_atomically(report, run_dir / "report.csv")
     markdown = format_markdown(report)
     write_text_atomically(markdown, run_dir / "report.md")
