@@ -134,6 +134,21 @@ def test_plotted_throughput_follows_the_speedups_not_each_rows_own_windows():
     assert sorted(zip(evit.get_xdata(), evit.get_ydata())) == [(0.5, 150.0), (0.7, 112.5)]
 
 
+def test_the_report_carries_real_top1_and_its_change_against_vanilla(small_run):
+    from harness.run.records import read_records
+    from harness.run.report import build_report
+
+    records = read_records(small_run)
+    assert build_report(records)["top1_real"].isna().all()  # measured without --real-labels
+    assert build_report(records.drop(columns=["top1_real"]))["top1_real_delta"].isna().all()  # older records
+    records["top1_real"] = [
+        90.0 if method == "vanilla" else 80.0 + keep for method, keep in records[["method", "keep_rate"]].values
+    ]
+    report = build_report(records)
+    row = report[(report["method"] == "evit") & (report["keep_rate"] == 0.5)].iloc[0]
+    assert row["top1_real"] == 80.5 and row["top1_real_delta"] == pytest.approx(-9.5)
+
+
 def test_report_and_plot_take_a_records_csv_and_write_beside_it(small_run, tmp_path):
     loose = tmp_path / "loose.csv"
     loose.write_bytes((small_run / "records.csv").read_bytes())

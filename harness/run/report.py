@@ -28,18 +28,20 @@ COLUMNS = [
     "top1",
     "top1_delta",
     "top5",
+    "top1_real",
+    "top1_real_delta",
 ]
 
 
 def with_group_columns(records: pd.DataFrame) -> pd.DataFrame:
     """Records of runs made before batch sizes and modes were axes: one batch, the autocast precision,
-    and no floor twin."""
+    no floor twin, and no ImageNet-ReaL top-1."""
     frame = records.copy()
     if "batch_size_requested" not in frame:
         frame["batch_size_requested"] = frame["batch_size"].astype(str)
     if "mode" not in frame:
         frame["mode"] = frame["precision"] + " autocast"
-    for column in ("floor_speedup", "reference_img_per_s"):
+    for column in ("floor_speedup", "reference_img_per_s", "top1_real"):
         if column not in frame:
             frame[column] = float("nan")
     frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
@@ -72,6 +74,7 @@ def build_report(records: pd.DataFrame) -> pd.DataFrame:
         frame["pct_of_ideal"] = 100 * frame["speedup"] / frame["ideal_speedup"]
         frame["pct_of_floor"] = 100 * frame["speedup"] / frame["floor_speedup"]
         frame["top1_delta"] = frame["top1"] - base["top1"]
+        frame["top1_real_delta"] = frame["top1_real"] - base["top1_real"]
         frames.append(frame)
     report = pd.concat(frames, ignore_index=True)
     report["_reference_first"] = report["method"] != REFERENCE
