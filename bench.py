@@ -70,9 +70,11 @@ def warnings_as_plain_lines() -> Iterator[None]:
 
 
 def split_list(value: str, convert: Callable[[str], Any], what: str) -> tuple:
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    if not items:
+    items = [item.strip() for item in value.split(",")]
+    if not any(items):
         raise click.BadParameter(f"expected a comma-separated list of {what}, got {value!r}")
+    if "" in items:  # a typo (0.5,,0.7) rather than a list meant shorter
+        raise click.BadParameter(f"an empty item in {value!r}: expected a comma-separated list of {what}")
     try:
         return tuple(convert(item) for item in items)
     except ValueError:
@@ -116,17 +118,21 @@ def parse_method_args(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
         options = parsed.setdefault(method.strip(), {})
         for pair in pairs:
             key, _, text = pair.partition("=")
+            if key.strip() in options:  # else the last would silently win
+                raise click.BadParameter(f"{method.strip()}:{key.strip()} is given twice; give each option once")
             options[key.strip()] = parse_option_value(key.strip(), text.strip())
     return parsed
 
 
 def parse_checkpoints(values: tuple[str, ...]) -> dict[str, str]:
-    checkpoints = {}
+    checkpoints: dict[str, str] = {}
     for value in values:
-        method, sep, path = value.partition("=")
+        method, sep, path = (part.strip() for part in value.partition("="))
         if not sep or not method or not path:
             raise click.BadParameter(f"expected METHOD=PATH, got {value!r}")
-        checkpoints[method.strip()] = path.strip()
+        if method in checkpoints:  # else the last would silently win
+            raise click.BadParameter(f"{method} is given twice ({checkpoints[method]}, {path}); one per method")
+        checkpoints[method] = path
     return checkpoints
 
 
@@ -266,7 +272,12 @@ def cli_settings(options: dict[str, Any]) -> dict[str, Any]:
         if value is None or value == ():
             continue
         key, parse = parsers.get(name, (name, lambda v: v))
-        settings[key] = parse(value)
+        try:
+            settings[key] = parse(value)
+        except click.BadParameter as error:  # name the option, as Click does for its own checks
+            error.ctx = click.get_current_context()
+            error.param = next(param for param in error.ctx.command.params if param.name == name)
+            raise
     return settings
 
 

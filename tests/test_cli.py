@@ -372,6 +372,10 @@ def test_tome_given_r_runs_once_per_group_at_the_share_of_patches_it_leaves(tmp_
         (["--method-args", "evit:locations={"], "cannot read locations={: expected a YAML scalar or [list]"),
         (["--method-args", "tome:r=abc"], "r must be a non-negative int"),  # tome is not run: still checked
         (["--limit", "5"], "a limit or a class subset of the images needs the images: give --data"),
+        (["--keep-rates", "0.5,,0.7"], "Invalid value for '--keep-rates': an empty item in '0.5,,0.7'"),
+        (["--resolutions", "64,"], "Invalid value for '--resolutions': an empty item in '64,'"),
+        (["--checkpoint", "evit=a.pth", "--checkpoint", "evit = b.pth"], "evit is given twice (a.pth, b.pth)"),
+        (["--method-args", "evit:locations=[3],locations=[4]"], "evit:locations is given twice"),
         (["--class-subset", "present"], "a limit or a class subset of the images needs the images: give --data"),
     ],
 )
@@ -391,6 +395,12 @@ def test_a_checkpoint_for_a_method_not_run_is_named_in_a_warning(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "warning: checkpoints for tome are not used: not among the methods run" in result.output
+
+
+def test_method_args_for_a_method_not_run_are_named_in_a_warning(tmp_path):
+    result = run(tmp_path / "out", "--methods", "evit", "--keep-rates", "0.5", "--method-args", "tome:r=8")
+    assert result.exit_code == 0, result.output
+    assert "warning: method args for tome are not used: not among the methods run" in result.output
 
 
 @pytest.mark.parametrize(

@@ -125,9 +125,10 @@ class SweepConfig:
         for name, options in self.method_args.items():
             if name not in self.methods:  # not run here (a sweep file's options for every method): still checked
                 methods.lookup(name).make_config(**options)
-        unused = sorted(set(self.checkpoints) - {REFERENCE, *self.methods})
-        if unused:
-            warnings.warn(f"checkpoints for {', '.join(unused)} are not used: not among the methods run", stacklevel=2)
+        for what, given in (("checkpoints", self.checkpoints), ("method args", self.method_args)):
+            unused = sorted(set(given) - {REFERENCE, *self.methods})
+            if unused:
+                warnings.warn(f"{what} for {', '.join(unused)} are not used: not among the methods run", stacklevel=2)
 
     def batch_sizes_or_default(self) -> tuple[BatchSize, ...]:
         return self.batch_sizes or DEFAULT_BATCH_SIZES["cpu" if self.device == "cpu" else "cuda"]
