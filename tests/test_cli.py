@@ -707,3 +707,15 @@ def test_an_error_of_the_library_is_one_line_without_the_usage_banner(tmp_path):
     assert result.output.strip().splitlines() == [
         f"Error: no records at {missing}: run `bench run --out {missing}` first"
     ]
+
+
+def test_the_report_names_the_weights_of_each_row(small_run, tmp_path):
+    """Two evit rows that differ only by checkpoint (a later run gave evit weights of its own) look alike
+    unless the report says which weights each ran on."""
+    records = pd.read_csv(small_run / "records.csv")
+    evit = records[(records["method"] == "evit") & (records["keep_rate"] == 0.5)]
+    pd.concat([records, evit.assign(checkpoint="/w/evit.pth")]).to_csv(tmp_path / "records.csv", index=False)
+    assert invoke("report", str(tmp_path / "records.csv")).exit_code == 0
+    report = pd.read_csv(tmp_path / "report.csv")
+    rows = report[(report["method"] == "evit") & (report["keep_rate"] == 0.5)]
+    assert sorted(rows["checkpoint"].fillna("")) == ["", "/w/evit.pth"]

@@ -15,6 +15,7 @@ COLUMNS = [
     *GROUP,
     "method",
     "keep_rate",
+    "checkpoint",
     "batch_size",
     "gmacs",
     "mac_reduction_pct",
@@ -35,13 +36,13 @@ COLUMNS = [
 
 def with_group_columns(records: pd.DataFrame) -> pd.DataFrame:
     """Records of runs made before batch sizes and modes were axes: one batch, the autocast precision,
-    no floor twin, and no ImageNet-ReaL top-1."""
+    no floor twin, no ImageNet-ReaL top-1 and no checkpoint column."""
     frame = records.copy()
     if "batch_size_requested" not in frame:
         frame["batch_size_requested"] = frame["batch_size"].astype(str)
     if "mode" not in frame:
         frame["mode"] = frame["precision"] + " autocast"
-    for column in ("floor_speedup", "reference_img_per_s", "top1_real"):
+    for column in ("floor_speedup", "reference_img_per_s", "top1_real", "checkpoint"):
         if column not in frame:
             frame[column] = float("nan")
     frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
