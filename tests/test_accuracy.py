@@ -115,8 +115,8 @@ def test_real_top1_counts_the_images_with_real_labels(tmp_path, model):
     top = {index: int(logits.argmax()) for index, _, logits in logits_by_hand(model, dataset)}
     by_name = sorted(range(len(dataset.samples)), key=lambda i: dataset.samples[i][0].name)
 
-    def entry(rank, index):  # accepted, no labels (left out), refused, in turn along file-name order
-        return [[top[index], 5], [], [(top[index] + 1) % CLASSES]][rank % 3]
+    def entry(rank, index):  # accepted (the prediction second of two labels), no labels (left out), refused
+        return [[(top[index] + 2) % CLASSES, top[index]], [], [(top[index] + 1) % CLASSES]][rank % 3]
 
     real = [entry(rank, index) for rank, index in enumerate(by_name)]
     (tmp_path / "real.json").write_text(json.dumps(real))

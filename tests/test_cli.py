@@ -141,12 +141,14 @@ def test_the_report_carries_real_top1_and_its_change_against_vanilla(small_run):
     records = read_records(small_run)
     assert build_report(records)["top1_real"].isna().all()  # measured without --real-labels
     assert build_report(records.drop(columns=["top1_real"]))["top1_real_delta"].isna().all()  # older records
-    records["top1_real"] = [
-        90.0 if method == "vanilla" else 80.0 + keep for method, keep in records[["method", "keep_rate"]].values
-    ]
+    by_hand = [90.0 if method == "vanilla" else 80.0 + keep for method, keep in records[["method", "keep_rate"]].values]
+    records["top1_real"], records["top1"] = by_hand, [value - 10 for value in by_hand]
     report = build_report(records)
     row = report[(report["method"] == "evit") & (report["keep_rate"] == 0.5)].iloc[0]
     assert row["top1_real"] == 80.5 and row["top1_real_delta"] == pytest.approx(-9.5)
+    assert row["top1"] == 70.5 and row["top1_delta"] == pytest.approx(-9.5)  # method minus vanilla
+    order = [(method, keep) for method, keep in report[["method", "keep_rate"]].values]
+    assert order == [("vanilla", 1.0), ("evit", 0.7), ("evit", 0.5), ("prune", 0.7), ("prune", 0.5)]
 
 
 def test_report_and_plot_take_a_records_csv_and_write_beside_it(small_run, tmp_path):
@@ -719,3 +721,29 @@ def test_the_report_names_the_weights_of_each_row(small_run, tmp_path):
     report = pd.read_csv(tmp_path / "report.csv")
     rows = report[(report["method"] == "evit") & (report["keep_rate"] == 0.5)]
     assert sorted(rows["checkpoint"].fillna("")) == ["", "/w/evit.pth"]
+
+
+def test_checkpoints_fit_one_model_only(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"never read")
+    models = "deit_tiny_patch16_224,vit_tiny_patch16_224"
+    result = invoke(
+        "run", *TIMING, "--models", models, "--checkpoint", f"vanilla={tmp_path}/w.pth", "--out", str(tmp_path)
+    )
+    assert result.exit_code == 2 and "checkpoints fit one model: give one model with --checkpoint" in result.output
+
+
+def test_another_mode_or_checkpoint_is_measured_not_taken_for_done(tmp_path):
+    """The resume key holds the mode and each row's weights: a rerun in another mode measures every row
+    again, one with a checkpoint for evit measures evit's rows only; a method without a checkpoint of its own
+    runs on vanilla's and says so."""
+    checkpoint = tmp_path / "deit_tiny.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
+    out, evit = tmp_path / "out", ["--methods", "evit", "--keep-rates", "0.5"]
+    assert "2 new rows" in run(out, *evit).output
+    assert "2 new rows" in run(out, *evit, "--model-dtype", "bf16").output
+    assert "2 new rows" in run(out, *evit, "--precision", "bf16").output
+    assert "1 new rows" in run(out, *evit, "--checkpoint", f"evit={checkpoint}").output
+    records = pd.read_csv(out / "records.csv")
+    assert records["checkpoint"].fillna("").tolist() == [""] * 6 + [str(checkpoint)]
+    assert run(tmp_path / "other", *evit, "--checkpoint", f"vanilla={checkpoint}").exit_code == 0
+    assert pd.read_csv(tmp_path / "other" / "records.csv")["checkpoint"].tolist() == [str(checkpoint)] * 2

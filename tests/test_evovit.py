@@ -129,6 +129,17 @@ def test_keep_rate_one_is_the_stock_model_with_the_chosen_head(deit_tiny, images
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_mean_head_pools_the_patch_tokens_only_behind_register_tokens():
+    """Class and two register tokens lead the sequence: the mean is over the 16 patches after them."""
+    model = tiny_vit(reg_tokens=2)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        x = model.blocks(model._pos_embed(model.patch_embed(images)))  # [B, 3 + 16, C]
+        expected = model.head(model.norm(x[:, 3:].mean(dim=1)))
+        got = methods.apply(model, "evo-vit", keep_rate=1.0, locations=(2,), head="mean")(images)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("keep_rate,locations,tradeoff", [(0.5, (4, 8), 0.5), (0.7, (3, 6, 9), 0.3), (0.4, (2,), 1.0)])
 def test_official_variant_matches_the_released_algorithm(deit_tiny, images, keep_rate, locations, tradeoff):
     with torch.no_grad():

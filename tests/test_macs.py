@@ -95,6 +95,8 @@ def test_bad_image_size():
     model = timm.create_model("deit_tiny_patch16_224")
     with pytest.raises(TokenBenchError, match="not divisible"):
         count_macs(model, 100)
+    with pytest.raises(TokenBenchError, match="built for 224x224 images, not 224x288"):
+        count_macs(model, (224, 288))  # the height fits, the width does not
 
 
 def test_count_leaves_train_mode_as_it_was():
