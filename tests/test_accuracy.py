@@ -173,7 +173,7 @@ def test_a_label_beyond_the_model_classes(tmp_path, model):
     (tmp_path / "labels.csv").write_text("n00000000/img_0.JPEG,1\nn00000000/img_1.JPEG,6\n")
     dataset = load_imagenet_folder(tmp_path / "val", eval_transform(model, 64), labels_csv=tmp_path / "labels.csv")
     for data in (dataset, decoded(dataset)):
-        with pytest.raises(TokenBenchError, match="1 of 2 images have a label out of range: the model predicts 6"):
+        with pytest.raises(TokenBenchError, match="img_1.JPEG is labelled 6 by the labels CSV, beyond the model's 6"):
             evaluate(model, data)
 
 

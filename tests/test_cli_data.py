@@ -122,6 +122,11 @@ def csv_naming_missing_files(tmp_path, root):
     return ["--data", str(root), "--labels", str(tmp_path / "labels.csv")]
 
 
+def csv_label_beyond_the_classes(tmp_path, root):
+    (tmp_path / "labels.csv").write_text(f"{SYNSETS[0]}/img_0.JPEG,0\n{SYNSETS[0]}/img_1.JPEG,5000\n")
+    return ["--data", str(root), "--labels", str(tmp_path / "labels.csv"), "--cache-dir", str(tmp_path / "cache")]
+
+
 def folders_fitting_no_rule(tmp_path, root):
     (root / "extra").mkdir()  # four folders, not all synsets: sorted, and 4 is not deit_tiny's 1000 classes
     (root / SYNSETS[0] / "img_0.JPEG").rename(root / "extra" / "img_0.JPEG")
@@ -135,6 +140,7 @@ def folders_fitting_no_rule(tmp_path, root):
         (bad_real, "list 3 images but the data folder holds 7"),
         (unwritable_cache, "cannot write to cache folder"),
         (csv_naming_missing_files, "names 1 file(s) not found in"),
+        (csv_label_beyond_the_classes, "img_1.JPEG is labelled 5000 by the labels CSV, beyond the model's 1000"),
         (folders_fitting_no_rule, "has 4 class folders but the model predicts 1000 classes: the folder names fit"),
         (lambda tmp_path, root: ["--real-labels", str(tmp_path / "real.json")], "need the images: give --data"),
         (lambda tmp_path, root: ["--class-subset", "some"], "'some' is not one of 'all', 'present'"),

@@ -103,13 +103,21 @@ def check_has_classifier(model: nn.Module) -> None:
 
 
 def check_model_classes(model: nn.Module, dataset: object) -> None:
-    """`check_has_classifier`, then `check_labels_fit` for a dataset of class folders (CSV labels are
-    checked as they are scored)."""
+    """`check_has_classifier`, then `check_labels_fit` for a dataset of class folders, or for one labelled
+    by a CSV, that no label is beyond the model's classes (named with its image, before any decoding)."""
     check_has_classifier(model)
     classes = getattr(dataset, "classes", None)
     num_classes = getattr(model, "num_classes", None)
     if classes and num_classes:
         check_labels_fit(getattr(dataset, "label_source", "sorted"), classes, num_classes)
+    samples = getattr(dataset, "samples", ())
+    if not classes and num_classes and samples:
+        path, label = max(samples, key=lambda sample: sample[1])
+        if label >= num_classes:
+            raise TokenBenchError(
+                f"{path.name} is labelled {label} by the labels CSV, beyond the model's {num_classes} classes "
+                f"(0 ... {num_classes - 1})"
+            )
 
 
 def pad_real_labels(real: Sequence[Sequence[int]]) -> torch.Tensor:
