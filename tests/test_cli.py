@@ -747,3 +747,15 @@ def test_another_mode_or_checkpoint_is_measured_not_taken_for_done(tmp_path):
     assert records["checkpoint"].fillna("").tolist() == [""] * 6 + [str(checkpoint)]
     assert run(tmp_path / "other", *evit, "--checkpoint", f"vanilla={checkpoint}").exit_code == 0
     assert pd.read_csv(tmp_path / "other" / "records.csv")["checkpoint"].tolist() == [str(checkpoint)] * 2
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_report_and_plot_say_when_top1_is_of_random_weights(small_run, tmp_path, command):
+    records = pd.read_csv(small_run / "records.csv").assign(top1=50.0)
+    records.to_csv(tmp_path / "records.csv", index=False)
+    untrained = invoke(command, str(tmp_path / "records.csv"))
+    assert untrained.exit_code == 0
+    assert "warning: 5 of 5 rows hold the top-1 of randomly initialised models" in untrained.output
+    records.assign(checkpoint="/w/deit_tiny.pth").to_csv(tmp_path / "records.csv", index=False)
+    trained = invoke(command, str(tmp_path / "records.csv"))
+    assert trained.exit_code == 0 and "randomly initialised" not in trained.output

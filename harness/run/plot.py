@@ -17,7 +17,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from harness.run.records import REFERENCE, output_folder, read_records  # noqa: E402
-from harness.run.report import with_group_columns  # noqa: E402
+from harness.run.report import warn_of_untrained_top1, with_group_columns  # noqa: E402
 
 THROUGHPUT = "vanilla_img_per_s_x_speedup"  # the throughput plotted (`with_comparable_throughput`)
 LABELS = {THROUGHPUT: "throughput (img/s): vanilla's x speedup", "gmacs": "GMACs", "top1": "top-1 (%)"}
@@ -127,6 +127,7 @@ def plot_run(run: str | Path) -> list[Path]:
     return their paths: tradeoff_<...>.png per group and, with several batch sizes, speedup_vs_batch_<...>.png.
     The names carry the resolution and whichever of model, batch size and mode vary within the run."""
     records = with_group_columns(read_records(run))
+    warn_of_untrained_top1(records)
     run_dir = output_folder(run)
     varying = [column for column in ("device", "model", "mode") if records[column].nunique() > 1]
     several_batches = records["batch_size_requested"].nunique() > 1

@@ -3,6 +3,7 @@ configuration against that group's vanilla reference and its own floor twin."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +48,20 @@ def with_group_columns(records: pd.DataFrame) -> pd.DataFrame:
             frame[column] = float("nan")
     frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
     return frame
+
+
+def warn_of_untrained_top1(records: pd.DataFrame) -> None:
+    """Top-1 of a model without a checkpoint is that of random weights: `bench run` says so as it measures,
+    and the tables and figures built from its rows say it again, where the number is read."""
+    if "top1" not in records or "checkpoint" not in records:
+        return
+    untrained = records["top1"].notna() & records["checkpoint"].fillna("").eq("")
+    if untrained.any():
+        warnings.warn(
+            f"{int(untrained.sum())} of {len(records)} rows hold the top-1 of randomly initialised models (no "
+            f"checkpoint given), which means nothing",
+            stacklevel=2,
+        )
 
 
 def build_report(records: pd.DataFrame) -> pd.DataFrame:
@@ -102,7 +117,9 @@ def format_markdown(report: pd.DataFrame) -> str:
 def write_report(run: str | Path) -> str:
     """Write report.csv and report.md into the run folder (beside a records CSV given directly) and
     return the Markdown."""
-    report = build_report(read_records(run))
+    records = read_records(run)
+    warn_of_untrained_top1(records)
+    report = build_report(records)
     run_dir = output_folder(run)
     write_csv_atomically(report, run_dir / "report.csv")
     markdown = format_markdown(report)
