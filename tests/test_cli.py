@@ -759,3 +759,18 @@ def test_report_and_plot_say_when_top1_is_of_random_weights(small_run, tmp_path,
     records.assign(checkpoint="/w/deit_tiny.pth").to_csv(tmp_path / "records.csv", index=False)
     trained = invoke(command, str(tmp_path / "records.csv"))
     assert trained.exit_code == 0 and "randomly initialised" not in trained.output
+
+
+def test_a_plot_removes_the_figures_its_last_plot_wrote_that_it_no_longer_writes(small_run, tmp_path):
+    """Once a run gains a mode its figures' names carry the mode: the old tradeoff_64 would show stale rows.
+    A figure the tool did not write stays, whatever its name."""
+    records = pd.read_csv(small_run / "records.csv")
+    records.to_csv(tmp_path / "records.csv", index=False)
+    assert invoke("plot", str(tmp_path)).exit_code == 0 and (tmp_path / "tradeoff_64.png").is_file()
+    (tmp_path / "tradeoff_mine.png").write_bytes(b"a user's own figure")
+    bf16 = records.assign(mode="bf16 autocast, eager", precision="bf16")
+    pd.concat([records, bf16]).to_csv(tmp_path / "records.csv", index=False)
+    assert invoke("plot", str(tmp_path)).exit_code == 0
+    figures = sorted(path.name for path in tmp_path.glob("tradeoff_*.png"))
+    assert len(figures) == 3 and "tradeoff_64.png" not in figures and "tradeoff_mine.png" in figures
+    assert not list(tmp_path.glob("tradeoff_64.*"))

@@ -4,6 +4,7 @@ size, where the crossover at which reduction starts to pay shows."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.run.records import REFERENCE, output_folder, read_records  # noqa: E402
+from harness.run.records import REFERENCE, output_folder, read_records, write_text_atomically  # noqa: E402
 from harness.run.report import warn_of_untrained_top1, with_group_columns  # noqa: E402
 
 THROUGHPUT = "vanilla_img_per_s_x_speedup"  # the throughput plotted (`with_comparable_throughput`)
@@ -28,6 +29,7 @@ WITH_ACCURACY = [(THROUGHPUT, "top1", True), ("gmacs", "top1", False)]
 WITHOUT_ACCURACY = [("keep_rate", THROUGHPUT, None), ("keep_rate", "gmacs", None), ("gmacs", THROUGHPUT, None)]
 IDEAL_LABEL = "ideal: vanilla img/s x MAC ratio"
 FIGURE_AXES = ["device", "model", "resolution", "mode"]
+FIGURES_MANIFEST = ".figures.json"  # the figures the last plot of a folder wrote (`remove_superseded_figures`)
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str, larger_x_better: bool) -> pd.DataFrame:
@@ -148,4 +150,21 @@ def plot_run(run: str | Path) -> list[Path]:
             figure.savefig(path, dpi=120)
             written.append(path)
         plt.close(figure)
+    remove_superseded_figures(run_dir, written)
     return written
+
+
+def remove_superseded_figures(run_dir: Path, written: list[Path]) -> None:
+    """Remove the figures an earlier plot of this folder wrote and this one did not (their names change once
+    a run gains an axis: tradeoff_224.png beside tradeoff_bf16-autocast-eager_224.png would show stale
+    rows), and list the ones written for the next plot. Only files named in that list are ever removed."""
+    manifest = run_dir / FIGURES_MANIFEST
+    names = {path.name for path in written}
+    try:
+        earlier = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        earlier = []
+    for name in earlier if isinstance(earlier, list) else []:
+        if isinstance(name, str) and name not in names and Path(name).name == name:
+            (run_dir / name).unlink(missing_ok=True)
+    write_text_atomically(json.dumps(sorted(names), indent=1), manifest)
