@@ -1,6 +1,7 @@
 """`bench run --data` end to end: the new data options, their columns, and bad input as one line, exit code 2."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -180,7 +181,25 @@ def test_images_changed_behind_the_same_path_are_another_data_setting(tmp_path):
         ],
     )
     assert refused.exit_code == 2 and "Traceback" not in refused.output
-    assert f"measured with other files behind data={str(root)!r} (added, removed or rewritten since)" in refused.output
+    assert f"measured with other files behind data={str(root)!r} (images added, removed" in refused.output
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_the_same_images_copied_anew_resume_and_other_labels_are_named(tmp_path):
+    """A job that stages its data again resets the files' times, not their names or sizes: the folder resumes.
+    Labels changed in the CSV are named as the labels, not blamed on the images."""
+    root = synset_tree(tmp_path / "val")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{path.relative_to(root)},0\n" for path in sorted(root.rglob("img_*.JPEG"))))
+    args = ["--data", str(root), "--labels", str(labels), "--cache-dir", str(tmp_path / "cache")]
+    assert run(tmp_path / "out", *args).exit_code == 0
+    for path in root.rglob("*"):
+        os.utime(path, (1e9, 1e9))
+    again = run(tmp_path / "out", *args)
+    assert again.exit_code == 0 and "0 new rows" in again.output
+    labels.write_text(labels.read_text().replace(",0\n", ",1\n", 1))
+    refused = run(tmp_path / "out", *args)
+    assert refused.exit_code == 2 and f"other files behind labels_csv={str(labels)!r}" in refused.output
 
 
 def test_weights_saved_over_vanillas_checkpoint_are_another_setting(tmp_path):
@@ -190,4 +209,28 @@ def test_weights_saved_over_vanillas_checkpoint_are_another_setting(tmp_path):
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
     refused = run(tmp_path / "out", "--checkpoint", f"vanilla={checkpoint}")
     assert refused.exit_code == 2
-    assert f"other files behind reference_checkpoint={str(checkpoint)!r}" in refused.output
+    assert f"other files behind checkpoint {checkpoint} (images added, removed" in refused.output
+
+
+def test_weights_saved_over_a_methods_checkpoint_are_another_setting(tmp_path):
+    """evit's rows at 0.5 ran on the weights as they were: 0.7 on others would sit beside them as one method."""
+    checkpoint = tmp_path / "evit.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
+    assert run(tmp_path / "out", "--checkpoint", f"evit={checkpoint}").exit_code == 0
+    torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
+    refused = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            *FAST,
+            "--methods",
+            "evit",
+            "--keep-rates",
+            "0.5,0.7",
+            "--out",
+            str(tmp_path / "out"),
+            "--checkpoint",
+            f"evit={checkpoint}",
+        ],
+    )
+    assert refused.exit_code == 2 and f"other files behind checkpoint {checkpoint}" in refused.output

@@ -86,6 +86,8 @@ def test_a_labels_csv_header_is_exactly_filename_label_and_a_bom_is_no_part_of_a
     assert [(path.name, label) for path, label in samples] == [("a.JPEG", 1), ("b.JPEG", 2)]
     labels.write_bytes("\ufeffa.JPEG,1\nb.JPEG,2\n".encode())
     assert load_imagenet_folder(tmp_path / "val", None, labels_csv=labels).samples == samples
+    labels.write_text("filename,label,name\na.JPEG,1,goldfish\nb.JPEG,2,shark\n")  # more columns, as the rows have
+    assert load_imagenet_folder(tmp_path / "val", None, labels_csv=labels).samples == samples
 
 
 @pytest.mark.parametrize(

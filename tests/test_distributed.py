@@ -111,13 +111,14 @@ def test_two_processes_count_every_image_once_and_agree_with_one(tmp_path):
 
 
 def test_a_bad_label_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
-    """Rank 1 alone holds the bad label; raising there before the all-reduce would leave rank 0 waiting."""
+    """Rank 1's shard alone holds the bad label; raising there alone would leave rank 0 waiting at the
+    all-reduce. Every rank lists the whole folder and checks its labels before scoring its shard."""
     root = noise_tree(tmp_path / "val", corrupt=False)
     labels = tmp_path / "labels.csv"
     labels.write_text("n00000000/img_0.JPEG,1\nn00000000/img_1.JPEG,6\n")  # index 1 goes to rank 1
     run_ranks(evaluate_and_record_the_error, root, labels, tmp_path)
     errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(WORLD)]
-    assert errors == ["1 of 2 images have a label out of range: the model predicts 6 classes"] * WORLD
+    assert errors == ["img_1.JPEG is labelled 6 by the labels CSV, beyond the model's 6 classes (0 ... 5)"] * WORLD
 
 
 def sweep_on(root, labels, keep_rates):

@@ -1,5 +1,6 @@
 """Run records: written atomically, readable by whoever the umask lets read an ordinary file."""
 
+import errno
 import json
 import os
 import stat
@@ -9,7 +10,14 @@ import sys
 import pandas as pd
 import pytest
 
-from harness.run.records import FINGERPRINTS, LOCK_FILE, RunStore, write_csv_atomically, write_text_atomically
+from harness.run.records import (
+    CHECKPOINT_FILES,
+    FINGERPRINTS,
+    LOCK_FILE,
+    RunStore,
+    write_csv_atomically,
+    write_text_atomically,
+)
 from methods import TokenBenchError
 
 
@@ -102,8 +110,32 @@ def test_new_files_behind_the_same_path_are_another_setting(tmp_path):
     store.append({"config_key": "k0"})
     RunStore(tmp_path).check_settings({"data": "/val", FINGERPRINTS["data"]: "abc"})
     assert json.loads((tmp_path / "run.json").read_text()) == {"data": "/val", FINGERPRINTS["data"]: "abc"}
-    with pytest.raises(TokenBenchError, match=r"measured with other files behind data='/val' \(added, removed"):
+    with pytest.raises(TokenBenchError, match=r"measured with other files behind data='/val' \(images added"):
         RunStore(tmp_path).check_settings({"data": "/val", FINGERPRINTS["data"]: "abd"})
+
+
+def test_checkpoints_are_compared_path_by_path(tmp_path):
+    """A later run may bring weights for another method; not other weights under a path the rows used."""
+    store = RunStore.prepare(tmp_path)
+    store.check_settings({CHECKPOINT_FILES: {"/w/a.pth": "1"}})
+    store.append({"config_key": "k0"})
+    RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/b.pth": "2"}})
+    RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/a.pth": "1", "/w/b.pth": "2"}})
+    assert json.loads((tmp_path / "run.json").read_text()) == {CHECKPOINT_FILES: {"/w/a.pth": "1", "/w/b.pth": "2"}}
+    with pytest.raises(TokenBenchError, match="other files behind checkpoint /w/b.pth .*delete run.json there"):
+        RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/b.pth": "3"}})
+
+
+def test_a_lock_that_cannot_be_taken_is_not_taken_for_another_run(tmp_path, monkeypatch):
+    """A file system without flock (some network mounts) says so, rather than blaming a run that is not there."""
+    import fcntl
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(TokenBenchError, match="cannot lock .*.lock .*: No locks available"):
+        RunStore.prepare(tmp_path).claim()
 
 
 @pytest.mark.parametrize("text", ['{"data": nul', "[1, 2]", "\x97\x98"])

@@ -172,7 +172,7 @@ def csv_rows(labels_csv: Path) -> list[tuple[int, list[str]]]:
             rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except (UnicodeDecodeError, csv.Error) as error:
         raise TokenBenchError(f"labels CSV {labels_csv} is not a text file of filename,label rows: {error}") from None
-    if rows and [cell.strip().lower() for cell in rows[0][1]] == list(LABELS_HEADER):
+    if rows and [cell.strip().lower() for cell in rows[0][1][:2]] == list(LABELS_HEADER):  # more columns: as data rows
         rows = rows[1:]
     return rows
 

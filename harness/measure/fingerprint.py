@@ -1,5 +1,5 @@
-"""Fingerprints of the files a run reads: a path alone does not say that the images or weights behind it are
-the ones a folder's earlier rows were measured on."""
+"""Fingerprints of the files a run reads: a path alone does not say that the images, labels or weights behind
+it are the ones a folder's earlier rows were measured on."""
 
 from __future__ import annotations
 
@@ -11,25 +11,35 @@ from pathlib import Path
 
 from harness.measure.data import load_imagenet_folder
 
+CHUNK = 1 << 23  # bytes read at a time to hash a checkpoint
 
-def files_fingerprint(paths: Iterable[str | Path]) -> str:
-    """A digest of each file's absolute path, size and modification time: it changes when a file is added,
-    removed, renamed or rewritten (reading every byte would cost minutes on ImageNet)."""
+
+def files_fingerprint(paths: Iterable[str | Path], root: str | Path) -> str:
+    """A digest of each file's path under `root` and its size: it changes when a file is added, removed,
+    renamed or rewritten to another size, and not when the same files are copied anew (a job staging its
+    data, which resets modification times). Reading every image would cost minutes on ImageNet."""
     entries = []
     for path in paths:
-        absolute = os.path.abspath(path)
         try:
-            stat = os.stat(absolute)
-            entries.append((absolute, stat.st_size, stat.st_mtime_ns))
+            size = os.stat(path).st_size
         except OSError:
-            entries.append((absolute, None, None))
+            size = None
+        entries.append((os.path.relpath(path, root), size))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def content_digest(path: str | Path) -> str:
+    """A digest of the file's bytes: weights saved over a checkpoint keep its size (the same architecture)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def data_fingerprint(
     data: str | Path, labels_csv: str | Path | None, limit: int | None, real_labels: str | Path | None
 ) -> str:
-    """The fingerprint of the images an evaluation on `data` reads (those `limit` picks) and of its label files."""
+    """The fingerprint of the images an evaluation on `data` reads (those `limit` picks)."""
     dataset = load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
-    label_files = [path for path in (labels_csv, real_labels) if path is not None]
-    return files_fingerprint([*(path for path, _ in dataset.samples), *label_files])
+    return files_fingerprint((path for path, _ in dataset.samples), data)

@@ -16,8 +16,8 @@ from methods.errors import TokenBenchError
 
 KEY = ["model", "method", "method_options", "resolution", "device", "precision"]
 # Axes added later: a baseline that has them is matched on them too; an older one, written when a run
-# had one batch size and mode, is matched without them. The checkpoint tells apart rows of one method
-# measured on other weights in one folder.
+# had one batch size and mode, is matched without them. The checkpoint (its file name) tells apart rows of
+# one method measured on other weights in one folder.
 OPTIONAL_KEY = ["batch_size_requested", "model_dtype", "cuda_graphs", "compile", "checkpoint"]
 BASELINE_COLUMNS = [*KEY, "keep_rate", "speedup"]
 
@@ -45,13 +45,15 @@ def key_columns(baseline: pd.DataFrame, measured: pd.DataFrame) -> list[str]:
 
 
 def as_key_types(frame: pd.DataFrame) -> pd.DataFrame:
-    """Batch sizes read back as ints or strings ("max") alike, and no checkpoint as an empty cell: compare
-    them as text."""
+    """Batch sizes read back as ints or strings ("max") alike: compare them as text. A checkpoint by its file
+    name: a baseline committed on one machine is checked on others, where the weights live elsewhere."""
     frame = frame.copy()
     if "batch_size_requested" in frame:
         frame["batch_size_requested"] = frame["batch_size_requested"].astype(str)
-    if "checkpoint" in frame:
-        frame["checkpoint"] = frame["checkpoint"].fillna("").astype(str)
+    if "checkpoint" in frame:  # no checkpoint: an empty cell, read as NaN
+        frame["checkpoint"] = [
+            Path(path).name if path else "" for path in frame["checkpoint"].astype(object).fillna("")
+        ]
     return frame
 
 

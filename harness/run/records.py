@@ -8,7 +8,6 @@ command skip them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import tempfile
@@ -24,7 +23,8 @@ RECORDS_FILE = "records.csv"
 SETTINGS_FILE = "run.json"  # what every row of the folder shares (`RunStore.check_settings`)
 LOCK_FILE = ".lock"  # held by the one run writing to the folder (`RunStore.claim`)
 # The settings that are paths, and the key of run.json that holds a fingerprint of the files behind each.
-FINGERPRINTS = {"data": "data_files", "reference_checkpoint": "reference_checkpoint_file"}
+FINGERPRINTS = {"data": "data_files", "labels_csv": "labels_csv_file", "real_labels": "real_labels_file"}
+CHECKPOINT_FILES = "checkpoint_files"  # {path: digest of its bytes} of every checkpoint the folder's rows used
 REFERENCE = "vanilla"  # the method every row is compared with, measured once per (model, resolution, batch size)
 
 
@@ -67,10 +67,10 @@ class RunStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RECORDS_FILE
-        self._rows = self.read_rows()
+        self._rows = self.load_rows()
         self._lock: TextIO | None = None
 
-    def read_rows(self) -> list[dict[str, Any]]:
+    def load_rows(self) -> list[dict[str, Any]]:
         rows = read_table(self.path, ["config_key"], "records") if self.path.exists() else pd.DataFrame()
         return rows.to_dict("records")  # a resume needs their keys only
 
@@ -90,16 +90,20 @@ class RunStore:
         """Hold the folder for this process until `release`, then read its rows afresh. Each append rewrites
         records.csv from the rows this process knows, so two runs writing to one folder at once would each
         drop the other's rows. The lock is the system's (flock): a run that is killed leaves none behind."""
+        import fcntl  # POSIX only: imported here so that reading records needs no lock
+
         lock = open(self.run_dir / LOCK_FILE, "a")  # noqa: SIM115  (held open until release)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as error:
             lock.close()
-            raise TokenBenchError(
-                f"another bench run is writing to {self.run_dir}: wait for it to finish, or give another --out"
-            ) from None
+            if isinstance(error, BlockingIOError):  # held by another process
+                raise TokenBenchError(
+                    f"another bench run is writing to {self.run_dir}: wait for it to finish, or give another --out"
+                ) from None
+            raise TokenBenchError(f"cannot lock {lock.name} (the one run writing there): {error.strerror}") from None
         self._lock = lock
-        self._rows = self.read_rows()
+        self._rows = self.load_rows()
 
     def release(self) -> None:
         if self._lock is not None:
@@ -109,18 +113,24 @@ class RunStore:
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Record the settings every row of this folder shares (run.json) on its first run; refuse a later
         run that asks for other ones while the folder holds rows. A folder from before run.json, or before
-        one of its settings, takes the settings it is given (and records them)."""
+        one of its settings, takes the settings it is given (and records them). Checkpoints are compared
+        path by path: a later run may bring weights for another method, not other weights under a path."""
         path = self.run_dir / SETTINGS_FILE
         stored = self.stored_settings() if path.is_file() and self._rows else {}
-        changed = [name for name in settings if name in stored and stored[name] != settings[name]]
-        if changed:
+        checkpoints = {**settings.get(CHECKPOINT_FILES, {}), **stored.get(CHECKPOINT_FILES, {})}
+        saved_over = [
+            name for name, digest in settings.get(CHECKPOINT_FILES, {}).items() if checkpoints[name] != digest
+        ]
+        changed = [
+            name for name in settings if name in stored and name != CHECKPOINT_FILES and stored[name] != settings[name]
+        ]
+        if changed or saved_over:
             raise TokenBenchError(
-                f"{self.run_dir} holds rows measured with {describe_settings(changed, stored, settings)}: run with "
-                f"the folder's settings, or give another --out (a folder holds one setting of these, so that each "
-                f"row is compared with its own vanilla)"
+                f"{self.run_dir} holds rows measured with {describe_settings(changed, saved_over, stored, settings)}"
             )
-        if settings != stored:
-            write_text_atomically(json.dumps({**stored, **settings}, indent=2, sort_keys=True), path)
+        merged = {**stored, **settings, **({CHECKPOINT_FILES: checkpoints} if CHECKPOINT_FILES in settings else {})}
+        if merged != stored:
+            write_text_atomically(json.dumps(merged, indent=2, sort_keys=True), path)
 
     def stored_settings(self) -> dict[str, Any]:
         path = self.run_dir / SETTINGS_FILE
@@ -143,16 +153,27 @@ class RunStore:
         write_csv_atomically(pd.DataFrame(self._rows), self.path)
 
 
-def describe_settings(changed: Sequence[str], stored: dict[str, Any], asked: dict[str, Any]) -> str:
-    """'name=held; this run asks for name=asked'; where only fingerprints differ, that the files behind those
-    paths changed (another limit or label file changes the data's fingerprint too, but says more)."""
+def describe_settings(changed: Sequence[str], saved_over: Sequence[str], stored: dict, asked: dict) -> str:
+    """What differs, and what to do. Settings: 'name=held; this run asks for name=asked'. Where only files
+    changed behind the same paths (another limit or labels file changes the data's fingerprint too, but says
+    more), which paths; the same files copied anew (modification times reset) keep their fingerprints."""
     paths = {fingerprint: name for name, fingerprint in FINGERPRINTS.items()}
     values = [name for name in changed if name not in paths]
-    if not values:
-        files = ", ".join(f"{paths[name]}={asked[paths[name]]!r}" for name in changed)
-        return f"other files behind {files} (added, removed or rewritten since)"
-    held = ", ".join(f"{name}={stored.get(name)!r}" for name in values)
-    return f"{held}; this run asks for {', '.join(f'{name}={asked[name]!r}' for name in values)}"
+    if values:
+        held = ", ".join(f"{name}={stored.get(name)!r}" for name in values)
+        asks = ", ".join(f"{name}={asked[name]!r}" for name in values)
+        return (
+            f"{held}; this run asks for {asks}: run with the folder's settings, or give another --out (a folder "
+            f"holds one setting of these, so that each row is compared with its own vanilla)"
+        )
+    files = [f"{paths[name]}={asked[paths[name]]!r}" for name in changed] + [
+        f"checkpoint {name}" for name in saved_over
+    ]
+    return (
+        f"other files behind {', '.join(files)} (images added, removed or resized; labels or weights changed): "
+        f"give another --out, or, to measure the rest on the files as they are now beside the rows measured "
+        f"before, delete {SETTINGS_FILE} there"
+    )
 
 
 # What report, plot and check read from every record; older records lack some later columns, which

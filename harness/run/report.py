@@ -55,8 +55,10 @@ def warn_of_untrained_top1(records: pd.DataFrame) -> None:
     and the tables and figures built from its rows say it again, where the number is read."""
     if "top1" not in records or "checkpoint" not in records:
         return
-    untrained = records["top1"].notna() & records["checkpoint"].fillna("").eq("")
-    if untrained.any():
+    untrained = records["top1"].notna() & records["checkpoint"].astype(object).fillna("").eq("")  # empty cells: NaN
+    if untrained.all():  # as bench run words it, so that a run and its report say it once
+        warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
+    elif untrained.any():
         warnings.warn(
             f"{int(untrained.sum())} of {len(records)} rows hold the top-1 of randomly initialised models (no "
             f"checkpoint given), which means nothing",

@@ -14,9 +14,9 @@ import torch
 
 import methods
 from harness.measure.decode_cache import check_data_options
-from harness.measure.fingerprint import data_fingerprint, files_fingerprint
+from harness.measure.fingerprint import content_digest, data_fingerprint
 from harness.measure.throughput import ThroughputConfig
-from harness.run.records import FINGERPRINTS, REFERENCE
+from harness.run.records import CHECKPOINT_FILES, FINGERPRINTS, REFERENCE
 from methods.config import check_keep_rate
 from methods.errors import TokenBenchError
 
@@ -167,20 +167,24 @@ class SweepConfig:
         device and mode): the data and how it is scored, vanilla's weights, and the timing protocol as it
         takes effect (the device's defaults, torch's threads where none are given). Rows that differed in
         these would be compared with another setting's vanilla, and taken for one another on resume. The
-        files behind the data and checkpoint paths count too (`FINGERPRINTS`): images added, removed or
-        rewritten, or weights saved over, are another setting under the same path."""
+        files behind the paths count too (`FINGERPRINTS`, `CHECKPOINT_FILES`): images added, removed or
+        resized, or labels or weights saved over, are another setting under the same path."""
         timing = self.throughput_config(self.batch_sizes_or_default()[0])
-        checkpoint = self.checkpoint_for(REFERENCE)
-        data = None if self.data is None else data_fingerprint(self.data, self.labels_csv, self.limit, self.real_labels)
+        label_files = {"labels_csv": self.labels_csv, "real_labels": self.real_labels}  # small: their bytes
+        fingerprints = {FINGERPRINTS[name]: content_digest(path) for name, path in label_files.items() if path}
+        if self.data is not None:
+            fingerprints[FINGERPRINTS["data"]] = data_fingerprint(
+                self.data, self.labels_csv, self.limit, self.real_labels
+            )
         return {
             "data": self.data,
             "labels_csv": self.labels_csv,
             "limit": self.limit,
             "class_subset": self.class_subset,
             "real_labels": self.real_labels,
-            FINGERPRINTS["data"]: data,
-            "reference_checkpoint": checkpoint,
-            FINGERPRINTS["reference_checkpoint"]: None if checkpoint is None else files_fingerprint([checkpoint]),
+            "reference_checkpoint": self.checkpoint_for(REFERENCE),
+            **fingerprints,
+            CHECKPOINT_FILES: {path: content_digest(path) for path in sorted(set(self.checkpoints.values()))},
             "threads": self.cpu_threads(),
             "warmup": timing.warmup,
             "iters": timing.iters,
