@@ -9,8 +9,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from harness.measure.data import load_imagenet_folder
-
 CHUNK = 1 << 23  # bytes read at a time to hash a checkpoint
 
 
@@ -35,11 +33,3 @@ def content_digest(path: str | Path) -> str:
         while chunk := file.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()[:16]
-
-
-def data_fingerprint(
-    data: str | Path, labels_csv: str | Path | None, limit: int | None, real_labels: str | Path | None
-) -> str:
-    """The fingerprint of the images an evaluation on `data` reads (those `limit` picks)."""
-    dataset = load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
-    return files_fingerprint((path for path, _ in dataset.samples), data)

@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 import methods
 from harness.measure.accuracy import NO_DATA_COLUMNS, accuracy_columns
-from harness.measure.data import ImageDataset, load_imagenet_folder
 from harness.measure.decode_cache import decode_for_model, preprocessing_for
 from harness.measure.distributed import is_distributed, on_main_process
 from harness.measure.labels import check_model_classes
@@ -237,7 +236,6 @@ def preflight(sweep: SweepConfig) -> None:
     that a bad model name, resolution, option or checkpoint fails before anything is measured or
     written (and, with data, a model without a classifier or whose classes the labels do not fit). Models
     are built on the meta device where no weights are loaded: only shapes matter."""
-    listed = None if sweep.data is None else list_images(sweep)
     for model in sweep.models:
         for resolution in sweep.resolutions[1:]:
             with torch.device("meta"):
@@ -247,12 +245,5 @@ def preflight(sweep: SweepConfig) -> None:
             options = dict(sweep.method_args.get(name, {}))
             job = Job(model, name, sweep.keep_rates_for(name)[0], resolution, SEARCHED, options)
             built = build_model(sweep, job, "cpu")
-            if listed is not None:
-                check_model_classes(built, listed)
-
-
-def list_images(sweep: SweepConfig) -> ImageDataset:
-    """The images and labels of the sweep's data, listed (not decoded)."""
-    return load_imagenet_folder(
-        sweep.data, None, labels_csv=sweep.labels_csv, limit=sweep.limit, real_labels=sweep.real_labels
-    )
+            if sweep.images is not None:
+                check_model_classes(built, sweep.images)

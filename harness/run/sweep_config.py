@@ -3,6 +3,7 @@ its grid, and the keys that identify their rows in a run folder."""
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Mapping
@@ -13,8 +14,9 @@ from typing import Any
 import torch
 
 import methods
+from harness.measure.data import ImageDataset, load_imagenet_folder
 from harness.measure.decode_cache import check_data_options
-from harness.measure.fingerprint import content_digest, data_fingerprint
+from harness.measure.fingerprint import content_digest, files_fingerprint
 from harness.measure.throughput import ThroughputConfig
 from harness.run.records import CHECKPOINT_FILES, FINGERPRINTS, REFERENCE
 from methods.config import check_keep_rate
@@ -172,10 +174,8 @@ class SweepConfig:
         timing = self.throughput_config(self.batch_sizes_or_default()[0])
         label_files = {"labels_csv": self.labels_csv, "real_labels": self.real_labels}  # small: their bytes
         fingerprints = {FINGERPRINTS[name]: content_digest(path) for name, path in label_files.items() if path}
-        if self.data is not None:
-            fingerprints[FINGERPRINTS["data"]] = data_fingerprint(
-                self.data, self.labels_csv, self.limit, self.real_labels
-            )
+        if self.images is not None:  # those the limit picks
+            fingerprints[FINGERPRINTS["data"]] = files_fingerprint((path for path, _ in self.images.samples), self.data)
         return {
             "data": self.data,
             "labels_csv": self.labels_csv,
@@ -190,6 +190,16 @@ class SweepConfig:
             "iters": timing.iters,
             "windows": timing.windows,
         }
+
+    @functools.cached_property
+    def images(self) -> ImageDataset | None:
+        """The data's images and labels, listed once (not decoded): the checks before a run and the
+        fingerprint of the data it records are of the same listing."""
+        if self.data is None:
+            return None
+        return load_imagenet_folder(
+            self.data, None, labels_csv=self.labels_csv, limit=self.limit, real_labels=self.real_labels
+        )
 
     def cpu_threads(self) -> int | None:
         """The threads a CPU run times on: those given, else torch's (1 under torchrun); None on a GPU,
