@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from bench import cli
+from harness.measure import data as data_module
 from harness.measure.accuracy import accuracy_columns
 from harness.run import sweep as sweep_module
 from tests.test_accuracy import noise_tree
@@ -234,3 +235,16 @@ def test_weights_saved_over_a_methods_checkpoint_are_another_setting(tmp_path):
         ],
     )
     assert refused.exit_code == 2 and f"other files behind checkpoint {checkpoint}" in refused.output
+
+
+@pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
+def test_a_run_lists_the_data_folder_twice_however_many_resolutions(tmp_path, monkeypatch):
+    """Once to check the options as they are read, once for the run: its checks, fingerprint and decodes
+    (here two, one per resolution) share that listing. Each listing of ImageNet's 50,000 files takes a while."""
+    listings = []
+    folder_samples = data_module.folder_samples
+    monkeypatch.setattr(data_module, "folder_samples", lambda root: listings.append(root) or folder_samples(root))
+    root = synset_tree(tmp_path / "val")
+    args = ["--data", str(root), "--cache-dir", str(tmp_path / "cache"), "--resolutions", "64,96"]
+    assert run(tmp_path / "out", *args).exit_code == 0
+    assert len(listings) == 2

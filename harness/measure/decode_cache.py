@@ -164,11 +164,17 @@ def decode_for_model(
     workers: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    listed: ImageDataset | None = None,
 ) -> DecodedImages:
     """This process's shard of the image folder `data`, decoded with `model`'s preprocessing at
     `img_size` into (or read from) the cache folder. The labels are checked against the model first,
-    so a wrong folder fails before a long decode."""
-    dataset = load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
+    so a wrong folder fails before a long decode. `listed`: the folder as a caller already listed it
+    with these options (a listing of ImageNet's 50,000 files takes a while), else listed here."""
+    dataset = (
+        listed
+        if listed is not None
+        else load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
+    )
     check_model_classes(model, dataset)
     return decode(
         dataset,

@@ -104,6 +104,7 @@ class Sweeper:
                 workers=sweep.workers,
                 device=self.device,
                 progress=self.progress,
+                listed=sweep.images,
             )
         return self.datasets[key]
 
