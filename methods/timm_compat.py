@@ -115,16 +115,22 @@ def tap_query_key(block: Block) -> None:
     fused SDPA kernel receives them, so timm's attention runs unchanged and we never rebuild it.
     """
     tapped: dict[str, torch.Tensor] = {}
-
-    def keep_query(_module: nn.Module, _inputs: tuple, q: torch.Tensor) -> None:
-        tapped["q_cls"] = q[:, :, :1]  # [B, H, 1, D]
-
-    def keep_keys(_module: nn.Module, _inputs: tuple, k: torch.Tensor) -> None:
-        tapped["k"] = k  # [B, H, N, D]
-
-    block.attn.q_norm.register_forward_hook(keep_query)
-    block.attn.k_norm.register_forward_hook(keep_keys)
+    block.attn.q_norm.register_forward_hook(Tap(tapped, "q_cls"))
+    block.attn.k_norm.register_forward_hook(Tap(tapped, "k"))
     block.tapped_qk = tapped
+
+
+class Tap:
+    """A forward hook that keeps its module's output in `tapped[name]`: the CLS query row [B, H, 1, D] for
+    "q_cls", the keys [B, H, N, D] for "k". An object, not a closure, so that a deep copy of the model gets
+    hooks writing into the copy's own dict (`copy.deepcopy` shares a closure's cells with the original),
+    and the model pickles."""
+
+    def __init__(self, tapped: dict[str, torch.Tensor], name: str) -> None:
+        self.tapped, self.name = tapped, name
+
+    def __call__(self, _module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        self.tapped[self.name] = output[:, :, :1] if self.name == "q_cls" else output
 
 
 def take_tapped_qk(block: Block) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -1,5 +1,7 @@
 """What every registered method promises; a new method is tested here without being asked."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -67,3 +69,20 @@ def test_other_resolution_runs_on_a_model_built_for_it():
     methods.apply(model, "evit", keep_rate=0.6)
     counts = methods.token_counts(model, 288)
     assert counts[0] == 1 + 18 * 18 and counts[3] == 1 + 195 + 1  # ceil(0.6 * 324) = 195, plus the fused token
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_a_copy_or_a_pickled_model_computes_what_the_original_does(name, tmp_path):
+    """A deep copy (an EMA of the weights, a floor twin) must tap its own attention, not the original's, and
+    a patched model saves whole."""
+    deit = peaked_attention(timm.create_model("deit_tiny_patch16_224", img_size=64))
+    model = methods.apply(deit, name, **({} if name in ("vanilla", "tome") else {"keep_rate": 0.5})).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(images)
+        copied = copy.deepcopy(model)
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        for other in (copied, loaded):
+            torch.testing.assert_close(other(images), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=0)  # the original's taps left intact
