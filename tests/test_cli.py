@@ -783,3 +783,12 @@ def test_a_plot_removes_the_figures_its_last_plot_wrote_that_it_no_longer_writes
     figures = sorted(path.name for path in tmp_path.glob("tradeoff_*.png"))
     assert len(figures) == 3 and "tradeoff_64.png" not in figures and "tradeoff_mine.png" in figures
     assert not list(tmp_path.glob("tradeoff_64.*"))
+
+
+def test_compile_warms_up_past_its_compilations_by_default():
+    """The CPU default of one warm-up call left compilations inside the timed windows."""
+    from harness.run.sweep_config import SweepConfig
+
+    assert SweepConfig(device="cpu", compile=True).throughput_config(8).warmup == 3
+    assert SweepConfig(device="cpu").throughput_config(8).warmup == 1
+    assert SweepConfig(device="cpu", compile=True, warmup=5).throughput_config(8).warmup == 5

@@ -17,7 +17,7 @@ import methods
 from harness.measure.data import ImageDataset, load_imagenet_folder
 from harness.measure.decode_cache import check_data_options
 from harness.measure.fingerprint import content_digest, files_fingerprint
-from harness.measure.throughput import ThroughputConfig
+from harness.measure.throughput import COMPILE_WARMUP, ThroughputConfig
 from harness.run.records import CHECKPOINT_FILES, FINGERPRINTS, REFERENCE
 from methods.config import check_keep_rate
 from methods.errors import TokenBenchError
@@ -213,8 +213,11 @@ class SweepConfig:
         return self.checkpoints.get(method, self.checkpoints.get(REFERENCE))
 
     def throughput_config(self, batch_size: BatchSize) -> ThroughputConfig:
-        """Timing settings at one batch size: those given, else the device's defaults (TIMING_DEFAULTS)."""
-        defaults = TIMING_DEFAULTS["cpu" if self.device == "cpu" else "cuda"]
+        """Timing settings at one batch size: those given, else the device's defaults (TIMING_DEFAULTS; with
+        compile, at least COMPILE_WARMUP warm-up calls)."""
+        defaults = dict(TIMING_DEFAULTS["cpu" if self.device == "cpu" else "cuda"])
+        if self.compile:
+            defaults["warmup"] = max(defaults["warmup"], COMPILE_WARMUP)
         timing = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
         return ThroughputConfig(
             device=self.device,
