@@ -792,3 +792,11 @@ def test_compile_warms_up_past_its_compilations_by_default():
     assert SweepConfig(device="cpu", compile=True).throughput_config(8).warmup == 3
     assert SweepConfig(device="cpu").throughput_config(8).warmup == 1
     assert SweepConfig(device="cpu", compile=True, warmup=5).throughput_config(8).warmup == 5
+
+
+def test_a_method_that_reduces_nothing_at_this_size_says_so(tmp_path):
+    """ToMe at keep rate 0.7 on 16 patches: r = round(0.3 * 16 / 12) = 0 in every block."""
+    result = run(tmp_path / "out", "--methods", "tome,evit", "--keep-rates", "0.7")
+    assert result.exit_code == 0
+    quiet = [line for line in result.output.splitlines() if "reduces no token" in line]
+    assert len(quiet) == 1 and "tome keep=0.7 @64 batch 2 reduces no token (17 in every block)" in quiet[0]

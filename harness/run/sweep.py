@@ -127,6 +127,12 @@ class Sweeper:
         reference = self.reference(job.model, job.resolution)
         model = reference if job.method == REFERENCE else build_model(self.sweep, job, self.device)
         macs, counts = self.count(job, model)
+        if job.method != REFERENCE and max(counts.ffn) == min(counts.ffn) == counts.exiting == counts.entering:
+            warnings.warn(
+                f"{job.label()} reduces no token ({counts.entering} in every block): its row is vanilla's (a keep "
+                f"rate too close to 1 for so few patches?)",
+                stacklevel=2,
+            )
         timed = self.throughput(job, model, counts)
         speed, floor, base = timed["method"], timed["floor"], timed["reference"]
         row = {
