@@ -800,3 +800,23 @@ def test_a_method_that_reduces_nothing_at_this_size_says_so(tmp_path):
     assert result.exit_code == 0
     quiet = [line for line in result.output.splitlines() if "reduces no token" in line]
     assert len(quiet) == 1 and "tome keep=0.7 @64 batch 2 reduces no token (17 in every block)" in quiet[0]
+
+
+def test_plot_removes_only_files_of_the_folder_its_manifest_names(small_run, tmp_path):
+    """A manifest naming a path out of the folder (edited by hand, or copied) removes nothing there."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "records.csv").write_bytes((small_run / "records.csv").read_bytes())
+    (tmp_path / "victim.png").write_bytes(b"keep me")
+    (run_dir / ".figures.json").write_text('["../victim.png", "tradeoff_old.png"]')
+    (run_dir / "tradeoff_old.png").write_bytes(b"stale")
+    assert invoke("plot", str(run_dir)).exit_code == 0
+    assert (tmp_path / "victim.png").is_file() and not (run_dir / "tradeoff_old.png").exists()
+
+
+def test_older_records_plot_their_vanilla_as_img_per_s_over_speedup():
+    from harness.run.plot import THROUGHPUT, with_comparable_throughput
+
+    group = pd.DataFrame({"img_per_s": [100.0, 300.0], "speedup": [1.0, 1.5], "reference_img_per_s": [None, None]})
+    plotted = with_comparable_throughput(group)[THROUGHPUT].tolist()  # vanillas 100 and 200: median 150
+    assert plotted == [150.0, 225.0]

@@ -10,6 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
+from harness.measure.fingerprint import files_fingerprint
 from harness.run.records import (
     CHECKPOINT_FILES,
     FINGERPRINTS,
@@ -120,10 +121,11 @@ def test_checkpoints_are_compared_path_by_path(tmp_path):
     store.check_settings({CHECKPOINT_FILES: {"/w/a.pth": "1"}})
     store.append({"config_key": "k0"})
     RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/b.pth": "2"}})
-    RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/a.pth": "1", "/w/b.pth": "2"}})
     assert json.loads((tmp_path / "run.json").read_text()) == {CHECKPOINT_FILES: {"/w/a.pth": "1", "/w/b.pth": "2"}}
-    with pytest.raises(TokenBenchError, match="other files behind checkpoint /w/b.pth .*delete run.json there"):
-        RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/b.pth": "3"}})
+    with pytest.raises(TokenBenchError, match="other files behind checkpoint /w/a.pth .*delete run.json there"):
+        RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/a.pth": "3"}})  # a run that did not name it kept it
+    with pytest.raises(TokenBenchError, match="other files behind checkpoint /w/b.pth"):
+        RunStore(tmp_path).check_settings({CHECKPOINT_FILES: {"/w/a.pth": "1", "/w/b.pth": "3"}})
 
 
 def test_a_lock_that_cannot_be_taken_is_not_taken_for_another_run(tmp_path, monkeypatch):
@@ -145,3 +147,15 @@ def test_an_unreadable_run_json_is_one_clear_error(tmp_path, text):
     (tmp_path / "run.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(TokenBenchError, match="cannot read .*run.json, the settings its rows were measured with"):
         RunStore(tmp_path).check_settings({"limit": 4})
+
+
+def test_the_images_fingerprint_follows_names_and_sizes_not_times(tmp_path):
+    for name in ("a.JPEG", "b.JPEG"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+    files = sorted(tmp_path.glob("*.JPEG"))
+    before = files_fingerprint(files, tmp_path)
+    os.utime(files[0], (1e9, 1e9))
+    assert files_fingerprint(files, tmp_path) == before  # copied anew
+    files[0].write_bytes(b"x" * 11)
+    assert files_fingerprint(files, tmp_path) != before  # rewritten at another size
+    assert files_fingerprint(files[:1], tmp_path) != files_fingerprint(files, tmp_path)  # one removed
