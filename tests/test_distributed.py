@@ -16,7 +16,14 @@ from torch.utils.data import Dataset
 from harness.measure import throughput
 from harness.measure.accuracy import evaluate
 from harness.measure.data import eval_transform, load_imagenet_folder
-from harness.measure.distributed import init_from_env, is_main_process, on_main_process, shard_indices, shutdown
+from harness.measure.distributed import (
+    check_device_for_ranks,
+    init_from_env,
+    is_main_process,
+    on_main_process,
+    shard_indices,
+    shutdown,
+)
 from harness.run.records import RunStore, read_records
 from harness.run.sweep import run_sweep
 from harness.run.sweep_config import SweepConfig
@@ -271,3 +278,11 @@ def test_a_cpu_run_never_touches_cuda_even_with_fewer_gpus_than_processes(monkey
     assert backends == ["gloo"]
     with pytest.raises(AssertionError, match="touched CUDA"):
         init_from_env("cuda")  # the same call on CUDA does ask for the rank's GPU
+
+
+def test_one_process_under_torchrun_may_take_a_fixed_gpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_device_for_ranks("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TokenBenchError, match="device cuda:0 under torchrun would put every process on one GPU"):
+        check_device_for_ranks("cuda:0")

@@ -251,3 +251,23 @@ def test_provenance_names_the_commit_versions_and_device(tmp_path):
     assert record["device"] == "cpu" and record["device_name"] == cpu_name()
     assert datetime.fromisoformat(utc_now()).utcoffset() == timedelta(0)
     assert git_state(tmp_path) == ("unknown", None)  # not a checkout
+
+
+def test_git_state_is_of_the_codes_own_checkout_and_ignores_untracked_files(tmp_path):
+    """An untracked file (a results folder, a scratch script) does not make the code dirty; a checkout that
+    merely contains the code (installed into some other repository) is not the code's commit."""
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    commit = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    (tmp_path / "untracked.csv").write_text("a\n")
+    assert git_state(tmp_path.resolve()) == (commit.stdout.strip(), False)
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path.resolve()) == (commit.stdout.strip(), True)
+    (tmp_path / "package").mkdir()
+    assert git_state((tmp_path / "package").resolve()) == ("unknown", None)
