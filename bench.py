@@ -161,7 +161,11 @@ SINGULAR = {"model": "models", "batch_size": "batch_sizes"}
 @click.option("--models", help="Comma-separated timm ViT names: several models in one run.")
 @click.option("--keep-rates", help="Comma-separated keep rates in (0, 1].  [default: 0.5,0.7,0.9]")
 @click.option("--resolutions", help="Comma-separated input sizes, multiples of the patch size.  [default: 224]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[default: auto]")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where to measure (auto: cuda if a GPU is seen).  [default: auto]",
+)
 @click.option("--batch-size", help="One batch size: an int, or max (searched, GPU).  [default: 256 on GPU, 8 on CPU]")
 @click.option(
     "--batch-sizes", help="Comma-separated batch sizes: ints, or max (the largest power of two that fits, GPU)."

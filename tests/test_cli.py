@@ -551,6 +551,7 @@ def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
         (["/no/such/photo.jpg"], "/no/such/photo.jpg"),
         (["--methods", "nonexistent"], "unknown method nonexistent"),
         (["--keep-rate", "2"], "keep"),
+        (["/tmp"], "/tmp is a folder: give image files"),
     ],
 )
 def test_viz_bad_input(tmp_path, args, message):
@@ -820,3 +821,10 @@ def test_older_records_plot_their_vanilla_as_img_per_s_over_speedup():
     group = pd.DataFrame({"img_per_s": [100.0, 300.0], "speedup": [1.0, 1.5], "reference_img_per_s": [None, None]})
     plotted = with_comparable_throughput(group)[THROUGHPUT].tolist()  # vanillas 100 and 200: median 150
     assert plotted == [150.0, 225.0]
+
+
+@pytest.mark.parametrize("command", ["list", "clear"])
+def test_a_cache_folder_that_is_a_file_is_one_clear_line(tmp_path, command):
+    (tmp_path / "file").write_text("not a folder")
+    result = invoke("cache", command, "--cache-dir", str(tmp_path / "file"))
+    assert result.exit_code == 2 and f"cache folder {tmp_path / 'file'} is a file" in result.output

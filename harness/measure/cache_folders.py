@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from methods.errors import TokenBenchError
+
 PIXELS, INDEX = "pixels.npy", "index.json"
 PARTIAL = ".partial"  # the suffix of a folder still being decoded
 
@@ -55,7 +57,9 @@ def mark_used(folder: Path) -> None:
 
 
 def list_caches(cache_dir: Path) -> list[CacheFolder]:
-    """The complete caches in `cache_dir`, most recently used first."""
+    """The complete caches in `cache_dir`, most recently used first (none where the folder does not exist)."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise TokenBenchError(f"cache folder {cache_dir} is a file: give --cache-dir a folder")
     if not cache_dir.is_dir():
         return []
     caches = []

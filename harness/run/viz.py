@@ -158,6 +158,8 @@ def check_request(
         raise TokenBenchError(f"checkpoint file not found: {', '.join(missing)}")
     paths = [Path(image) for image in images] if images else [default_image()]
     for path in paths:
+        if path.is_dir():
+            raise TokenBenchError(f"{path} is a folder: give image files (a shell glob, {path}/*.jpg, names them)")
         if not path.is_file():
             raise TokenBenchError(f"image file not found: {path}")
     stems = [path.stem for path in paths]
