@@ -26,8 +26,10 @@ def synset_tree(root):
     return root
 
 
-def run(out, *args):
-    return CliRunner().invoke(cli, ["run", *FAST, "--methods", "evit", "--keep-rates", "0.5", "--out", str(out), *args])
+def run(out, *args, keep_rates="0.5"):
+    return CliRunner().invoke(
+        cli, ["run", *FAST, "--methods", "evit", "--keep-rates", keep_rates, "--out", str(out), *args]
+    )
 
 
 @pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
@@ -165,22 +167,7 @@ def test_images_changed_behind_the_same_path_are_another_data_setting(tmp_path):
     cache = ["--cache-dir", str(tmp_path / "cache")]
     assert run(tmp_path / "out", "--data", str(root), *cache).exit_code == 0
     next(root.rglob("*.JPEG")).unlink()
-    refused = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            *FAST,
-            "--methods",
-            "evit",
-            "--keep-rates",
-            "0.7",
-            "--out",
-            str(tmp_path / "out"),
-            "--data",
-            str(root),
-            *cache,
-        ],
-    )
+    refused = run(tmp_path / "out", "--data", str(root), *cache, keep_rates="0.7")
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert f"measured with other files behind data={str(root)!r} (images added, removed" in refused.output
 
@@ -219,21 +206,7 @@ def test_weights_saved_over_a_methods_checkpoint_are_another_setting(tmp_path):
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
     assert run(tmp_path / "out", "--checkpoint", f"evit={checkpoint}").exit_code == 0
     torch.save(timm.create_model("deit_tiny_patch16_224", img_size=64).state_dict(), checkpoint)
-    refused = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            *FAST,
-            "--methods",
-            "evit",
-            "--keep-rates",
-            "0.5,0.7",
-            "--out",
-            str(tmp_path / "out"),
-            "--checkpoint",
-            f"evit={checkpoint}",
-        ],
-    )
+    refused = run(tmp_path / "out", "--checkpoint", f"evit={checkpoint}", keep_rates="0.5,0.7")
     assert refused.exit_code == 2 and f"other files behind checkpoint {checkpoint}" in refused.output
 
 

@@ -12,6 +12,7 @@ from harness.run.records import REFERENCE, output_folder, read_records, write_cs
 from methods.errors import TokenBenchError
 
 GROUP = ["device", "model", "resolution", "batch_size_requested", "mode"]
+UNTRAINED_TOP1 = "no checkpoint given: the top-1 of randomly initialised models means nothing"  # run and report
 COLUMNS = [
     *GROUP,
     "method",
@@ -57,7 +58,7 @@ def warn_of_untrained_top1(records: pd.DataFrame) -> None:
         return
     untrained = records["top1"].notna() & records["checkpoint"].astype(object).fillna("").eq("")  # empty cells: NaN
     if untrained.all():  # as bench run words it, so that a run and its report say it once
-        warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
+        warnings.warn(UNTRAINED_TOP1, stacklevel=2)
     elif untrained.any():
         warnings.warn(
             f"{int(untrained.sum())} of {len(records)} rows hold the top-1 of randomly initialised models (no "

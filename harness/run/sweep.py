@@ -23,6 +23,7 @@ from harness.measure.models import create_model
 from harness.measure.provenance import provenance, utc_now
 from harness.measure.throughput import measure_interleaved, measure_throughput, run_settings
 from harness.run.records import REFERENCE, RunStore
+from harness.run.report import UNTRAINED_TOP1
 from harness.run.sweep_config import (
     SEARCHED,
     Job,
@@ -220,7 +221,7 @@ def run_sweep(sweep: SweepConfig, store: RunStore | None, progress: bool = True)
 def measure_pending(sweep: SweepConfig, store: RunStore | None, progress: bool) -> Iterator[dict[str, Any]]:
     todo = on_main_process(lambda: pending_jobs(sweep, store))
     if sweep.data is not None and not sweep.checkpoints:
-        warnings.warn("no checkpoint given: the top-1 of randomly initialised models means nothing", stacklevel=2)
+        warnings.warn(UNTRAINED_TOP1, stacklevel=2)
     if is_distributed() and sweep.device == "cpu" and sweep.threads is None and torch.get_num_threads() == 1:
         warnings.warn(
             "rank 0 times on 1 CPU thread (torchrun sets OMP_NUM_THREADS=1 where it is unset); give --threads N "
