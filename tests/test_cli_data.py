@@ -211,13 +211,13 @@ def test_weights_saved_over_a_methods_checkpoint_are_another_setting(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:no checkpoint given:UserWarning")
-def test_a_run_lists_the_data_folder_twice_however_many_resolutions(tmp_path, monkeypatch):
-    """Once to check the options as they are read, once for the run: its checks, fingerprint and decodes
-    (here two, one per resolution) share that listing. Each listing of ImageNet's 50,000 files takes a while."""
+def test_a_run_lists_the_data_folder_once_however_many_resolutions(tmp_path, monkeypatch):
+    """The checks of the options, the fingerprint and the decodes (here two, one per resolution) share one
+    listing. Each listing of ImageNet's 50,000 files takes a while."""
     listings = []
     folder_samples = data_module.folder_samples
     monkeypatch.setattr(data_module, "folder_samples", lambda root: listings.append(root) or folder_samples(root))
     root = synset_tree(tmp_path / "val")
     args = ["--data", str(root), "--cache-dir", str(tmp_path / "cache"), "--resolutions", "64,96"]
     assert run(tmp_path / "out", *args).exit_code == 0
-    assert len(listings) == 2
+    assert len(listings) == 1

@@ -196,8 +196,9 @@ def check_data_options(
     workers: int | None,
     class_subset: str,
 ) -> None:
-    """Raise on any bad option of `decode_for_model` before anything runs: the folder and its labels
-    (listed, not decoded), the ReaL file, a cache folder that cannot be written, the workers, the subset."""
+    """Raise on any bad option of `decode_for_model` before anything runs: labels or a subset without images,
+    a cache folder that cannot be written, the workers, the subset. The folder and its labels are checked by
+    listing them (`load_imagenet_folder`), which the caller does once and keeps."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise TokenBenchError(f"workers must be a positive int (decode threads), got {workers!r}")
     if class_subset not in CLASS_SUBSETS:
@@ -208,7 +209,6 @@ def check_data_options(
         if limit is not None or class_subset != "all":
             raise TokenBenchError("a limit or a class subset of the images needs the images: give --data")
         return
-    load_imagenet_folder(data, None, labels_csv=labels_csv, limit=limit, real_labels=real_labels)
     check_cache_dir(cache_dir)
 
 

@@ -122,6 +122,7 @@ class SweepConfig:
         check_data_options(
             self.data, self.labels_csv, self.limit, self.real_labels, self.cache_dir, self.workers, self.class_subset
         )
+        self.images  # noqa: B018  (lists the folder and its labels, checking them, once for the whole run)
         for job in self.jobs():
             job.make_config()  # every method option is checked before anything runs
         for name, options in self.method_args.items():
