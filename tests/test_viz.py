@@ -47,8 +47,7 @@ def test_figure_has_the_input_then_one_panel_per_stage():
 def test_non_square_image_is_drawn_as_the_model_sees_it(tmp_path):
     photo = tmp_path / "wide.png"
     Image.new("RGB", (300, 200), (10, 200, 30)).save(photo)
-    with pytest.warns(UserWarning, match="random weights"):
-        model = viz.method_model("deit_tiny_patch16_224", "prune", 0.7, None, 224)
+    model = viz.method_model("deit_tiny_patch16_224", "prune", 0.7, None, 224)
     tensor, picture = viz.preprocess(model, photo)
     assert tensor.shape == (1, 3, 224, 224) and picture.shape == (224, 224, 3)
     assert np.allclose(picture[100, 100], np.array([10, 200, 30]) / 255, atol=0.02)  # un-normalised for display

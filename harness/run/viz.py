@@ -171,18 +171,13 @@ def check_request(
 def method_model(
     model_name: str, method: str, keep_rate: float, checkpoint: str | Path | None, img_size: int
 ) -> nn.Module:
-    """A fresh model with `method` applied, loaded from `checkpoint`, or random (seeded) if there is none."""
+    """A fresh model with `method` applied, loaded from `checkpoint`, or random (seeded) if there is none
+    (`visualise` warns of those)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = create_model(model_name, img_size=img_size)
     methods.apply(model, method, keep_rate=keep_rate)
-    if checkpoint is None:
-        warnings.warn(
-            f"{method}: no checkpoint, so {model_name} has random weights and the kept patches mean nothing",
-            UserWarning,
-            stacklevel=2,
-        )
-    else:
+    if checkpoint is not None:
         methods.load_checkpoint(model, checkpoint)
     return model.eval()
 
@@ -221,6 +216,13 @@ def visualise(
     checkpoints = dict(checkpoints or {})
     paths = check_request(images, method_names, keep_rate, checkpoints)
     models = {name: method_model(model_name, name, keep_rate, checkpoints.get(name), img_size) for name in method_names}
+    if untrained := [name for name in method_names if name not in checkpoints]:
+        warnings.warn(
+            f"no checkpoint for {', '.join(untrained)}, so {model_name} has random weights there and the kept "
+            f"patches mean nothing",
+            UserWarning,
+            stacklevel=2,
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
