@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from click.testing import CliRunner
 from PIL import Image
@@ -131,3 +133,48 @@ def test_bench_cache_lists_and_clears(tmp_path):
     assert list_caches(tmp_path / "cache") == []
     refused = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", folder, "--unused-for", "-2"])
     assert refused.exit_code == 2 and "Invalid value for '--unused-for'" in refused.output
+
+
+def refuse(monkeypatch, method, path):
+    """Make Path.`method` raise PermissionError on `path`, as for another user's folder (the tests run as root)."""
+    original = getattr(Path, method)
+
+    def guarded(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, guarded)
+
+
+def test_a_cache_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    decode_set(tmp_path, rows=range(10))
+    decode_set(tmp_path, rows=range(5))
+    theirs, mine = list_caches(tmp_path / "cache")
+    refuse(monkeypatch, "iterdir", theirs.path)
+    listed = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(tmp_path / "cache")])
+    assert listed.exit_code == 0, listed.output
+    warning = f"warning: left out the caches of {tmp_path / 'cache'} that cannot be read: {theirs.path.name} "
+    assert warning in listed.output
+    assert mine.path.name in listed.output and "1 caches" in listed.output
+
+
+def test_an_unreadable_cache_folder_is_one_error_line(tmp_path, monkeypatch):
+    decode_set(tmp_path, rows=range(5))
+    refuse(monkeypatch, "iterdir", tmp_path / "cache")
+    listed = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(tmp_path / "cache")])
+    assert listed.exit_code == 2
+    assert f"cannot read cache folder {tmp_path / 'cache'}: Permission denied" in listed.output
+
+
+def test_clear_reports_only_what_it_removed(tmp_path, monkeypatch):
+    decode_set(tmp_path, rows=range(10))
+    decode_set(tmp_path, rows=range(5))
+    theirs, mine = list_caches(tmp_path / "cache")
+    rmtree = shutil.rmtree  # fails quietly (ignore_errors) on another user's folder
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kwargs: path == theirs.path or rmtree(path, **kwargs))
+    cleared = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(tmp_path / "cache")])
+    assert cleared.exit_code == 0, cleared.output
+    assert f"could not remove the caches {theirs.path.name} of " in cleared.output
+    assert f"removed {mine.path}  " in cleared.output and str(theirs.path) + "  " not in cleared.output
+    assert "removed 1 caches" in cleared.output and theirs.path.exists()

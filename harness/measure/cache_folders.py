@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,18 @@ def mark_used(folder: Path) -> None:
 
 
 def list_caches(cache_dir: Path) -> list[CacheFolder]:
-    """The complete caches in `cache_dir`, most recently used first (none where the folder does not exist)."""
+    """The complete caches in `cache_dir`, most recently used first (none where the folder does not exist).
+    A cache that cannot be read (another user's, in a shared folder) is left out, with a warning."""
     if cache_dir.exists() and not cache_dir.is_dir():
         raise TokenBenchError(f"cache folder {cache_dir} is a file: give --cache-dir a folder")
     if not cache_dir.is_dir():
         return []
-    caches = []
-    for folder in cache_dir.iterdir():
+    try:
+        entries = list(cache_dir.iterdir())
+    except OSError as error:
+        raise TokenBenchError(f"cannot read cache folder {cache_dir}: {error.strerror}") from None
+    caches, unreadable = [], []
+    for folder in entries:
         index = read_index(folder) if folder.is_dir() and not folder.name.startswith(".") else None
         try:
             if index is not None:
@@ -79,16 +85,26 @@ def list_caches(cache_dir: Path) -> list[CacheFolder]:
                 )
         except FileNotFoundError:  # removed meanwhile by another process
             continue
+        except OSError as error:
+            unreadable.append(f"{folder.name} ({error.strerror})")
+    if unreadable:
+        warnings.warn(f"left out the caches of {cache_dir} that cannot be read: {', '.join(unreadable)}", stacklevel=2)
     return sorted(caches, key=lambda cache: cache.last_used, reverse=True)
 
 
 def remove_caches(cache_dir: Path, unused_days: float | None = None) -> list[CacheFolder]:
     """Remove the caches of `cache_dir` not used for `unused_days` days (None: every one), and the folders
-    that killed decodes on this host left behind; returns the caches removed."""
+    that killed decodes on this host left behind; returns the caches removed. One that cannot be removed
+    (another user's, in a shared folder) stays, with a warning."""
     cutoff = None if unused_days is None else time.time() - unused_days * 86400
-    removed = [cache for cache in list_caches(cache_dir) if cutoff is None or cache.last_used < cutoff]
-    for cache in removed:
-        shutil.rmtree(cache.path, ignore_errors=True)
+    removed, kept = [], []
+    for cache in list_caches(cache_dir):
+        if cutoff is None or cache.last_used < cutoff:
+            shutil.rmtree(cache.path, ignore_errors=True)
+            (kept if cache.path.exists() else removed).append(cache)
+    if kept:
+        names = ", ".join(cache.path.name for cache in kept)
+        warnings.warn(f"could not remove the caches {names} of {cache_dir} (whose are they?)", stacklevel=2)
     if cache_dir.is_dir():
         for partial in cache_dir.glob(f".*{PARTIAL}"):
             remove_if_abandoned(partial)
