@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from harness.measure.cache_folders import CacheFolder
 
 DEFAULT_OUT = "results/run"
+DEFAULT_CACHE_DIR = "[default: $XDG_CACHE_HOME/tokenbench, else ~/.cache/tokenbench]"
 
 
 class InputError(click.ClickException):
@@ -194,9 +195,7 @@ SINGULAR = {"model": "models", "batch_size": "batch_sizes"}
 )
 @click.option("--labels", "labels_csv", type=click.Path(), help="CSV of filename,label for a flat --data folder.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N of a fixed, seeded subset.")
-@click.option(
-    "--cache-dir", type=click.Path(), help="Where decoded images are kept for reuse.  [default: ~/.cache/tokenbench]"
-)
+@click.option("--cache-dir", type=click.Path(), help=f"Where decoded images are kept for reuse.  {DEFAULT_CACHE_DIR}")
 @click.option("--workers", type=click.IntRange(min=1), help="Decode threads.  [default: the cores, at most 16]")
 @click.option(
     "--class-subset",
@@ -383,7 +382,7 @@ def cache_group() -> None:
 
 
 CACHE_DIR_OPTION = click.option(
-    "--cache-dir", type=click.Path(), help="The cache folder, as given to bench run.  [default: ~/.cache/tokenbench]"
+    "--cache-dir", type=click.Path(), help=f"The cache folder, as given to bench run.  {DEFAULT_CACHE_DIR}"
 )
 
 

@@ -830,3 +830,11 @@ def test_a_cache_folder_that_is_a_file_is_one_clear_line(tmp_path, command):
     (tmp_path / "file").write_text("not a folder")
     result = invoke("cache", command, "--cache-dir", str(tmp_path / "file"))
     assert result.exit_code == 2 and f"cache folder {tmp_path / 'file'} is a file" in result.output
+
+
+def test_the_cache_commands_default_to_the_folder_their_help_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert invoke("cache", "list").output.strip().endswith(f"0 caches, 0.00 GB in {tmp_path / 'tokenbench'}")
+    for command in (["cache", "list"], ["run"]):
+        help_text = " ".join(invoke(*command, "--help").output.split())
+        assert "[default: $XDG_CACHE_HOME/tokenbench, else ~/.cache/tokenbench]" in help_text
