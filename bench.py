@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,13 +54,15 @@ def warnings_as_plain_lines() -> Iterator[None]:
     """While a command runs, print each distinct warning once, as one line `warning: MESSAGE` on
     stderr: a user needs the message, not the file, line number and source line of Python's format.
     Python's own memory of shown warnings is cleared whenever the filters change, which fvcore's
-    tracing does for every MAC count of a sweep, so "once" is kept here. Library callers (outside
+    tracing does for every MAC count of a sweep, so "once" is kept here. Under torchrun only rank 0
+    prints them: every rank runs the same sweep and would say the same. Library callers (outside
     the CLI) keep Python's warnings as they are."""
     shown: set[tuple[str, type]] = set()
     show = warnings.showwarning
+    other_rank = os.environ.get("RANK", "0") != "0"
 
     def show_once(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        if (str(message), category) not in shown:
+        if not other_rank and (str(message), category) not in shown:
             shown.add((str(message), category))
             click.echo(f"warning: {message}", err=True)
 

@@ -547,6 +547,14 @@ def test_viz_without_an_image_uses_matplotlibs_sample(tmp_path):
     assert (tmp_path / "grace_hopper_prune.png").is_file()
 
 
+@pytest.mark.parametrize("rank,warned", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_the_warnings(tmp_path, monkeypatch, rank, warned):
+    """Every rank runs the same sweep and would say the same; rank 0 says it."""
+    monkeypatch.setenv("RANK", rank)
+    result = invoke("viz", "--model", "deit_tiny_patch16_224", "--methods", "prune", "--out", str(tmp_path))
+    assert result.exit_code == 0 and ("warning: no checkpoint for prune" in result.output) == warned, result.output
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
