@@ -1,6 +1,7 @@
 """Throughput on CPU: the protocol runs, leaves the model and torch as it found them, and backs off on OOM."""
 
 import subprocess
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,6 +205,25 @@ def test_compile_after_halved_batches_still_compiles(compiled_graphs):
     assert (result.batch_size, result.oom_halvings) == (4, 4)
     batches = {inputs[0].shape[0] for inputs in compiled_graphs if isinstance(inputs[0], torch.Tensor)}
     assert 4 in batches  # the batch that fitted ran compiled, after four attempts that did not
+
+
+def test_compile_hides_torchs_warning_about_its_own_code(monkeypatch):
+    """Inductor lowers diagonal through torch._prims_common.check, which torch deprecates; a backend
+    calling it stands in for inductor (minutes on CPU)."""
+    import torch._prims_common
+
+    def backend(graph, example_inputs):
+        torch._prims_common.check(True, lambda: "")
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(model, backend=backend, **options))
+    config = ThroughputConfig(**{**QUICK, "compile": True, "warmup": 3, "windows": 1, "iters": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measure_throughput(tiny_vit(), 64, config)
+        torch._prims_common.check(True, lambda: "")  # outside the measurement it still warns
+    assert len(caught) == 1 and str(caught[0].message).startswith("`torch._prims_common.check` is deprecated")
 
 
 @pytest.mark.parametrize(
