@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -401,6 +402,20 @@ def test_a_checkpoint_for_a_method_not_run_is_named_in_a_warning(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "warning: checkpoints for tome are not used: not among the methods run" in result.output
+
+
+@pytest.mark.parametrize("threads,warned", [(2, False), (3, True)])
+def test_more_threads_than_cores_is_warned_of(monkeypatch, threads, warned):
+    from harness.run import sweep_config
+
+    monkeypatch.setattr(sweep_config, "usable_cores", lambda: 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sweep_config.SweepConfig(device="cpu", methods=("evit",), threads=threads)
+    messages = [str(warning.message) for warning in caught]
+    assert (
+        "threads 3 is more than the 2 cores this process may use: the threads would take turns" in " ".join(messages)
+    ) == warned, messages
 
 
 def test_method_args_for_a_method_not_run_are_named_in_a_warning(tmp_path):

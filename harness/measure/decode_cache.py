@@ -52,7 +52,7 @@ from harness.measure.cache_folders import (
     remove_superseded,
 )
 from harness.measure.data import UNREADABLE, Batch, ImageDataset, eval_transform, load_imagenet_folder
-from harness.measure.distributed import env_int, shard_indices
+from harness.measure.distributed import env_int, shard_indices, usable_cores
 from harness.measure.labels import CLASS_SUBSETS, check_model_classes, pad_real_labels
 from methods.errors import TokenBenchError
 
@@ -381,8 +381,7 @@ def check_cache_dir(path: str | Path | None) -> Path:
 
 def default_workers() -> int:
     """The cores this process may use, shared by the processes torchrun starts on the machine, at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores // max(1, env_int("LOCAL_WORLD_SIZE", 1))))
+    return max(1, min(MAX_WORKERS, usable_cores() // max(1, env_int("LOCAL_WORLD_SIZE", 1))))
 
 
 def default_memory_budget() -> int:

@@ -30,6 +30,11 @@ def env_int(name: str, default: int) -> int:
         raise TokenBenchError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_device_for_ranks(device: str) -> None:
     """Under torchrun each process takes the GPU of its LOCAL_RANK: a fixed cuda:N would put them all on one."""
     if env_int("WORLD_SIZE", 1) > 1 and re.fullmatch(r"cuda:\d+", device):

@@ -16,6 +16,7 @@ import torch
 import methods
 from harness.measure.data import ImageDataset, load_imagenet_folder
 from harness.measure.decode_cache import check_data_options
+from harness.measure.distributed import usable_cores
 from harness.measure.fingerprint import content_digest, files_fingerprint
 from harness.measure.throughput import COMPILE_WARMUP, ThroughputConfig
 from harness.run.records import CHECKPOINT_FILES, FINGERPRINTS, REFERENCE
@@ -110,6 +111,12 @@ class SweepConfig:
             raise TokenBenchError("a sweep needs at least one batch size")
         for batch in self.batch_sizes_or_default():
             self.throughput_config(batch)  # device, modes (no fp16 on CPU), timing counts, threads
+        if self.device == "cpu" and self.threads is not None and self.threads > usable_cores():
+            warnings.warn(
+                f"threads {self.threads} is more than the {usable_cores()} cores this process may use: the threads "
+                f"would take turns, and the timing would measure that",
+                stacklevel=2,
+            )
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
             raise TokenBenchError(f"limit must be a positive int, got {self.limit!r}")
         if self.checkpoints and len(self.models) > 1:
