@@ -10,6 +10,7 @@ import datetime
 import functools
 import os
 import re
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -151,8 +152,11 @@ def list_command() -> None:
     for name in methods.list_methods():
         spec = methods.lookup(name)
         click.echo(f"{name}: {spec.summary}")
+        docs = spec.option_docs()
         for option, default in spec.defaults().items():
             click.echo(f"    {option} = {default!r}")
+            if option in docs:
+                click.echo(textwrap.fill(docs[option], width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
 
 
 # The one-value forms of list options: `model: X` is `models: [X]`, `batch_size: 8` is `batch_sizes: [8]`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,20 @@ class MethodSpec:
     def defaults(self) -> dict[str, Any]:
         """Each option with its default value, in declaration order."""
         return {f.name: f.default for f in dataclasses.fields(self.config_cls)}
+
+    def option_docs(self) -> dict[str, str]:
+        """What the method's own configuration says of each of its options, from the `name: text`
+        paragraphs of its docstring (the options of ReductionConfig it leaves as they are: none)."""
+        docs: dict[str, str] = {}
+        body = inspect.cleandoc(self.config_cls.__doc__ or "").partition("\n\n")[2]
+        option = None
+        for line in body.splitlines():
+            name, colon, text = line.partition(":")
+            if colon and name in self.defaults():
+                option, docs[name] = name, text.strip()
+            elif option is not None and line.startswith(" "):
+                docs[option] += " " + line.strip()
+        return docs
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

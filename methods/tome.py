@@ -44,10 +44,12 @@ def check_r(r: int | tuple[int, ...] | None) -> None:
 class ToMeConfig(ReductionConfig):
     """ToMe's DeiT setting: r = 13 tokens merged in every block, proportional attention.
 
+    keep_rate: instead of r, the share of patch tokens left after the last location:
+       r = round((1 - keep_rate) * n0 / len(locations)), n0 the input's patch count.
+    locations: the blocks that merge; None: every block.
     r: tokens merged at each location, an int or one int per location (capped, as ToMe caps it, at
-       half the mergeable tokens). keep_rate: instead of r, the share of patch tokens left after the
-       last location: r = round((1 - keep_rate) * n0 / len(locations)), n0 the input's patch count.
-       Neither given: r = 13. locations: None for every block. prop_attn: add log(size) to the keys' logits.
+       half the mergeable tokens); neither r nor keep_rate given: 13.
+    prop_attn: add log(size) to the keys' attention logits (proportional attention).
     """
 
     keep_rate: float | None = None

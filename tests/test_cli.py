@@ -47,6 +47,9 @@ def test_list_shows_every_method_with_its_options():
     for name in methods.list_methods():
         assert f"{name}:" in result.output
     assert "keep_rate = 0.7" in result.output and "locations = (3, 6, 9)" in result.output
+    listed = " ".join(result.output.split())
+    assert "variant = 'paper' \"paper\" (representative token" in listed
+    assert "r = None tokens merged at each location" in listed
 
 
 def test_run_writes_one_row_per_configuration(small_run):

@@ -35,6 +35,22 @@ def test_defaults_are_the_papers():
     assert methods.lookup("prune").defaults() == {"keep_rate": 0.7, "locations": (3, 6, 9)}
 
 
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_every_option_a_method_adds_is_documented(name):
+    """bench list shows these under the defaults: an option added without a line would show bare."""
+    spec = methods.lookup(name)
+    added = set(spec.defaults()) - {"keep_rate", "locations"}
+    assert added <= set(spec.option_docs())
+    assert all(text and not text.startswith(" ") for text in spec.option_docs().values())
+
+
+def test_option_docs_follow_their_continuation_lines():
+    docs = methods.lookup("tome").option_docs()
+    assert list(docs) == ["keep_rate", "locations", "r", "prop_attn"]
+    assert docs["r"].endswith("half the mergeable tokens); neither r nor keep_rate given: 13.")
+    assert methods.lookup("evit").option_docs() == {}
+
+
 @pytest.mark.parametrize("name", ["evit", "prune", "vanilla"])
 @pytest.mark.parametrize("keep_rate", [0, -0.1, 1.5, "0.5", True])
 def test_keep_rate_outside_range_is_refused(deit_tiny, name, keep_rate):
