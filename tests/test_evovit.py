@@ -247,7 +247,7 @@ def label_patches_in_channel_zero(model):
         for linear in [model.patch_embed.proj] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]:
             linear.weight[0] = 0
             linear.bias[0] = 0
-        model.pos_embed[0, 1:, 0] = torch.arange(patches) / patches
+        model.pos_embed[0, model.num_prefix_tokens :, 0] = torch.arange(patches) / patches
     return torch.arange(patches) / patches
 
 
@@ -304,6 +304,27 @@ def test_distillation_token_stays_in_the_slow_path():
         assert model(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
     with pytest.raises(TokenBenchError, match="head 'mean' .* not of VisionTransformerDistilled; use head='cls'"):
         methods.apply(timm.create_model("deit_tiny_distilled_patch16_224"), "evo-vit", variant="official")
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_the_prefix_keeps_its_places_through_every_stage(variant):
+    """g pins the class and distillation tokens first (+inf), so no ranking moves them among the patches."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224")
+    label_patches_in_channel_zero(model)  # channel 0: patch j holds j / P ...
+    with torch.no_grad():
+        model.cls_token[..., 0] = model.dist_token[..., 0] = 0
+        model.pos_embed[0, :2, 0] = torch.tensor([-2.0, -1.0])  # ... and the class, distillation tokens -2, -1
+    methods.apply(model, "evo-vit", variant=variant, head="cls")
+    seen = {}
+    for i in (4, 8):
+        capture_inputs(model.blocks[i].norm1, seen, i)
+    capture_inputs(model.norm, seen, "final")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224))
+    for key in (4, 8, "final"):
+        assert seen[key][:, :2, 0].tolist() == [[-2.0, -1.0]] * 2, key
+    assert seen[8][:, 2:, 0].min() >= 0  # the prefix is nowhere among the patches
 
 
 def test_official_head_keeps_weights_and_keys(deit_tiny):
