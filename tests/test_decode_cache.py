@@ -169,6 +169,23 @@ def test_a_same_size_rewrite_is_caught_by_its_time(tmp_path, opened):
     assert sum(opened.values()) == 24
 
 
+@pytest.mark.parametrize("tear", ["index removed", "pixels cut short"])
+def test_a_cache_torn_by_hand_is_decoded_again_in_its_place(tmp_path, opened, tear):
+    dataset, preprocessing = decoded_once(tmp_path)
+    (folder,) = (tmp_path / "cache").iterdir()
+    whole = np.load(folder / decode_cache.PIXELS).copy()
+    if tear == "index removed":
+        (folder / decode_cache.INDEX).unlink()
+    else:
+        with open(folder / decode_cache.PIXELS, "r+b") as pixels:
+            pixels.truncate(1000)
+    opened.clear()
+    again = decode(dataset, range(len(dataset)), preprocessing, cache_dir=tmp_path / "cache")
+    assert sum(opened.values()) == 24 and again.decode_s > 0
+    assert [entry.name for entry in (tmp_path / "cache").iterdir()] == [folder.name]
+    assert np.array_equal(np.load(folder / decode_cache.PIXELS), whole) and (folder / decode_cache.INDEX).is_file()
+
+
 def test_an_interrupted_decode_leaves_no_cache_to_serve(tmp_path, monkeypatch):
     dataset = load_imagenet_folder(noise_tree(tmp_path / "val", corrupt=False), None)
     preprocessing = preprocessing_for(tiny_vit(num_classes=CLASSES), 64)
