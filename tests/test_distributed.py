@@ -23,6 +23,7 @@ from harness.measure.distributed import (
     on_main_process,
     shard_indices,
     shutdown,
+    sum_across_ranks,
 )
 from harness.run.records import RunStore, read_records
 from harness.run.sweep import run_sweep
@@ -73,7 +74,10 @@ def as_rank(rank, port, work, *args):
 def evaluate_and_record(rank, root, out):
     model, dataset = build(root)
     result = evaluate(model, dataset, batch_size=4)
+    given = torch.tensor([rank, 10])
+    summed = sum_across_ranks(given)
     record = {"result": asdict(result), "seen": dataset.seen, "main": is_main_process()}
+    record["sum"] = {"given": given.tolist(), "summed": summed.tolist()}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 
@@ -115,6 +119,9 @@ def test_two_processes_count_every_image_once_and_agree_with_one(tmp_path):
     seen = [index for record in records for index in record["seen"]]
     assert sorted(seen) == list(range(25))  # each image loaded by exactly one rank
     assert [len(record["seen"]) for record in records] == [13, 12]
+    assert [record["sum"] for record in records] == [  # the sum, and each rank's input left as it was
+        {"given": [rank, 10], "summed": [0 + 1, 10 + 10]} for rank in range(WORLD)
+    ]
 
 
 def test_a_bad_label_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
