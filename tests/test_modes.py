@@ -78,6 +78,16 @@ def test_describe_names_dtype_and_execution():
     assert ExecutionMode(model_dtype="bf16").describe() == "bf16 weights, eager"
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the context is only built here, never entered
+@pytest.mark.parametrize("cuda_graphs,compile,cached", [(True, False, False), (False, False, True), (True, True, True)])
+def test_autocast_caches_its_casts_except_while_we_capture_graphs(cuda_graphs, compile, cached):
+    """A cached cast is a tensor from outside the graph's memory pool, which a replay must not read.
+    Compiled (reduce-overhead), the casts are traced into the graphs torch.compile captures itself."""
+    mode = ExecutionMode(device="cuda", precision="fp16", cuda_graphs=cuda_graphs, compile=compile)
+    autocast = mode.autocast()
+    assert autocast.fast_dtype == torch.float16 and autocast._cache_enabled is cached
+
+
 @needs_cuda
 def test_cuda_graph_replays_compute_what_eager_computes_on_new_input():
     model = tiny_vit().cuda().eval()
