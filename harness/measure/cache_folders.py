@@ -104,7 +104,9 @@ def remove_caches(cache_dir: Path, unused_days: float | None = None) -> list[Cac
             (kept if cache.path.exists() else removed).append(cache)
     if kept:
         names = ", ".join(cache.path.name for cache in kept)
-        warnings.warn(f"could not remove the caches {names} of {cache_dir} (whose are they?)", stacklevel=2)
+        warnings.warn(
+            f"could not remove the caches {names} of {cache_dir}: check their owner and permissions", stacklevel=2
+        )
     if cache_dir.is_dir():
         for partial in cache_dir.glob(f".*{PARTIAL}"):
             remove_if_abandoned(partial)

@@ -111,9 +111,9 @@ class SweepConfig:
             raise TokenBenchError("a sweep needs at least one batch size")
         for batch in self.batch_sizes_or_default():
             self.throughput_config(batch)  # device, modes (no fp16 on CPU), timing counts, threads
-        if self.device == "cpu" and self.threads is not None and self.threads > usable_cores():
+        if self.device == "cpu" and self.threads is not None and self.threads > (cores := usable_cores()):
             warnings.warn(
-                f"threads {self.threads} is more than the {usable_cores()} cores this process may use: the threads "
+                f"threads {self.threads} is more than the {cores} cores this process may use: the threads "
                 f"would take turns, and the timing would measure that",
                 stacklevel=2,
             )
