@@ -304,7 +304,8 @@ def parse_batch_size_option(value: str) -> int | str:
 def report_command(run: str) -> None:
     """Per resolution: speedup and MAC reduction against vanilla, top-1 change (CSV + Markdown).
 
-    RUN is a run folder, or a records CSV given directly; the files are written beside its records.
+    RUN is a run folder, or a records CSV given directly; the files are written beside it, named after
+    it unless it is records.csv (gpu.csv: gpu.report.csv, gpu.tradeoff_224.png).
     """
     from harness.run.report import write_report
 
@@ -317,7 +318,8 @@ def report_command(run: str) -> None:
 def plot_command(run: str) -> None:
     """Trade-off figures (PNG and SVG): top-1 vs throughput and vs GMACs, or cost vs keep rate.
 
-    RUN is a run folder, or a records CSV given directly; the files are written beside its records.
+    RUN is a run folder, or a records CSV given directly; the files are written beside it, named after
+    it unless it is records.csv (gpu.csv: gpu.report.csv, gpu.tradeoff_224.png).
     """
     from harness.run.plot import plot_run
 

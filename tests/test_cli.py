@@ -159,9 +159,23 @@ def test_report_and_plot_take_a_records_csv_and_write_beside_it(small_run, tmp_p
     loose = tmp_path / "loose.csv"
     loose.write_bytes((small_run / "records.csv").read_bytes())
     assert invoke("report", str(loose)).exit_code == 0 and invoke("report", str(small_run)).exit_code == 0
-    assert pd.read_csv(tmp_path / "report.csv").equals(pd.read_csv(small_run / "report.csv"))
-    assert invoke("plot", str(loose)).exit_code == 0 and (tmp_path / "tradeoff_64.png").is_file()
+    assert pd.read_csv(tmp_path / "loose.report.csv").equals(pd.read_csv(small_run / "report.csv"))
+    assert invoke("plot", str(loose)).exit_code == 0 and (tmp_path / "loose.tradeoff_64.png").is_file()
     assert "RUN is a run folder, or a records CSV" in invoke("report", "--help").output
+    assert invoke("report", str(small_run / "records.csv")).exit_code == 0  # a run's own: the run's names
+    assert sorted(path.name for path in small_run.glob("report.*")) == ["report.csv", "report.md"]
+
+
+def test_two_records_csvs_in_one_folder_keep_their_own_report_and_figures(small_run, tmp_path):
+    records = pd.read_csv(small_run / "records.csv")
+    records.to_csv(tmp_path / "cpu.csv", index=False)
+    records[records["method"].isin(["vanilla", "evit"])].to_csv(tmp_path / "gpu.csv", index=False)
+    for name in ("cpu", "gpu"):
+        assert invoke("plot", str(tmp_path / f"{name}.csv")).exit_code == 0
+        assert invoke("report", str(tmp_path / f"{name}.csv")).exit_code == 0
+    assert (tmp_path / "cpu.tradeoff_64.png").is_file() and (tmp_path / "gpu.tradeoff_64.png").is_file()
+    assert set(pd.read_csv(tmp_path / "cpu.report.csv")["method"]) == {"vanilla", "evit", "prune"}
+    assert set(pd.read_csv(tmp_path / "gpu.report.csv")["method"]) == {"vanilla", "evit"}
 
 
 def timed_at(img_per_s: float) -> ThroughputResult:

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.run.records import REFERENCE, output_folder, read_records, write_text_atomically  # noqa: E402
+from harness.run.records import REFERENCE, output_path, read_records, write_text_atomically  # noqa: E402
 from harness.run.report import warn_of_untrained_top1, with_group_columns  # noqa: E402
 
 THROUGHPUT = "vanilla_img_per_s_x_speedup"  # the throughput plotted (`with_comparable_throughput`)
@@ -29,7 +29,7 @@ WITH_ACCURACY = [(THROUGHPUT, "top1", True), ("gmacs", "top1", False)]
 WITHOUT_ACCURACY = [("keep_rate", THROUGHPUT, None), ("keep_rate", "gmacs", None), ("gmacs", THROUGHPUT, None)]
 IDEAL_LABEL = "ideal: vanilla img/s x MAC ratio"
 FIGURE_AXES = ["device", "model", "resolution", "mode"]
-FIGURES_MANIFEST = ".figures.json"  # the figures the last plot of a folder wrote (`remove_superseded_figures`)
+FIGURES_MANIFEST = ".figures.json"  # the figures the last plot of a run wrote (`remove_superseded_figures`)
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str, larger_x_better: bool) -> pd.DataFrame:
@@ -125,12 +125,12 @@ def slug(values: list[object]) -> str:
 
 
 def plot_run(run: str | Path) -> list[Path]:
-    """Write the figures (PNG and SVG) into the run folder (beside a records CSV given directly) and
-    return their paths: tradeoff_<...>.png per group and, with several batch sizes, speedup_vs_batch_<...>.png.
-    The names carry the resolution and whichever of model, batch size and mode vary within the run."""
+    """Write the figures (PNG and SVG) into the run folder (beside a records CSV given directly: see
+    `records.output_path`) and return their paths: tradeoff_<...>.png per group and, with several batch
+    sizes, speedup_vs_batch_<...>.png. The names carry the resolution and whichever of model, batch size
+    and mode vary within the run."""
     records = with_group_columns(read_records(run))
     warn_of_untrained_top1(records)
-    run_dir = output_folder(run)
     varying = [column for column in ("device", "model", "mode") if records[column].nunique() > 1]
     several_batches = records["batch_size_requested"].nunique() > 1
     figures: list[tuple[str, Figure]] = []
@@ -146,19 +146,20 @@ def plot_run(run: str | Path) -> list[Path]:
     written = []
     for stem, figure in figures:
         for suffix in ("png", "svg"):
-            path = run_dir / f"{stem}.{suffix}"
+            path = output_path(run, f"{stem}.{suffix}")
             figure.savefig(path, dpi=120)
             written.append(path)
         plt.close(figure)
-    remove_superseded_figures(run_dir, written)
+    remove_superseded_figures(output_path(run, FIGURES_MANIFEST), written)
     return written
 
 
-def remove_superseded_figures(run_dir: Path, written: list[Path]) -> None:
-    """Remove the figures an earlier plot of this folder wrote and this one did not (their names change once
-    a run gains an axis: tradeoff_224.png beside tradeoff_bf16-autocast-eager_224.png would show stale
-    rows), and list the ones written for the next plot. Only files named in that list are ever removed."""
-    manifest = run_dir / FIGURES_MANIFEST
+def remove_superseded_figures(manifest: Path, written: list[Path]) -> None:
+    """Remove the figures an earlier plot of these records wrote and this one did not (their names change
+    once a run gains an axis: tradeoff_224.png beside tradeoff_bf16-autocast-eager_224.png would show stale
+    rows), and list the ones written in `manifest` for the next plot. Only files named in that list, in
+    the manifest's folder, are ever removed."""
+    run_dir = manifest.parent
     names = {path.name for path in written}
     try:
         earlier = json.loads(manifest.read_text())

@@ -198,10 +198,17 @@ def read_records(run: str | Path, also: Sequence[str] = ()) -> pd.DataFrame:
     return read_rows(path, [*RECORD_COLUMNS, *also], "records")
 
 
-def output_folder(run: str | Path) -> Path:
-    """Where report and plot write: the run folder, or the folder holding a records CSV given directly."""
+def output_path(run: str | Path, name: str) -> Path:
+    """Where report and plot write the file `name`: in the run folder, or beside a records CSV given
+    directly. A CSV named other than records.csv puts its stem before the name (gpu.csv: gpu.report.csv,
+    .gpu.figures.json), so that two CSVs in one folder keep their own outputs."""
     path = Path(run)
-    return path.parent if path.is_file() else path
+    if not path.is_file():
+        return path / name
+    if path.name == RECORDS_FILE:
+        return path.parent / name
+    dot = "." if name.startswith(".") else ""
+    return path.parent / f"{dot}{path.stem}.{name.removeprefix(dot)}"
 
 
 def read_rows(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.run.records import REFERENCE, output_folder, read_records, write_csv_atomically, write_text_atomically
+from harness.run.records import REFERENCE, output_path, read_records, write_csv_atomically, write_text_atomically
 from methods.errors import TokenBenchError
 
 GROUP = ["device", "model", "resolution", "batch_size_requested", "mode"]
@@ -118,13 +118,12 @@ def format_markdown(report: pd.DataFrame) -> str:
 
 
 def write_report(run: str | Path) -> str:
-    """Write report.csv and report.md into the run folder (beside a records CSV given directly) and
-    return the Markdown."""
+    """Write report.csv and report.md into the run folder (beside a records CSV given directly: see
+    `output_path`) and return the Markdown."""
     records = read_records(run)
     warn_of_untrained_top1(records)
     report = build_report(records)
-    run_dir = output_folder(run)
-    write_csv_atomically(report, run_dir / "report.csv")
+    write_csv_atomically(report, output_path(run, "report.csv"))
     markdown = format_markdown(report)
-    write_text_atomically(markdown, run_dir / "report.md")
+    write_text_atomically(markdown, output_path(run, "report.md"))
     return markdown
